@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from graphfold import io as model_io
 from graphfold.errors import UsageError
 from graphfold.inputs import make_inputs, real_inputs, resolve_shapes
 
@@ -37,9 +38,6 @@ OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 PROVIDERS = ("cpu", "cuda", "auto")
-
-# protobuf refuses to serialize a message of 2 GiB or more; such models go through a file.
-_PROTO_LIMIT = 2**31 - 1
 
 
 @dataclass
@@ -194,16 +192,13 @@ def _prepare(model: ModelSource, index: int,
     """A label, what InferenceSession should load, and the graph (weights not needed) for inputs."""
     if isinstance(model, onnx.ModelProto):
         label = f"model[{index}]" + (f" {model.graph.name}" if model.graph.name else "")
-        if model.ByteSize() < _PROTO_LIMIT:
+        if model.ByteSize() < model_io.EXTERNAL_DATA_THRESHOLD:
             return label, model.SerializeToString(), model
+        # Too big to serialize in one piece: onnxruntime reads it from a file with external data.
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="graphfold-bench-"))
         path = os.path.join(folder, "model.onnx")
         log.info("%s is over 2 GB; saving it with external data to %s", label, folder)
-        # save_model with external data moves the tensors out of the caller's proto; work on a copy.
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data")
+        model_io.save_model(model, path)
         return label, path, model
     path = os.fspath(model)
     if not os.path.isfile(path):

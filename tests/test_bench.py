@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphfold import bench as bench_module
+from graphfold import io as model_io
 from graphfold.bench import BenchResult, ModelTiming, bench, plot
 from graphfold.errors import UsageError
 
@@ -84,12 +85,14 @@ def test_model_protos_and_single_model():
     assert len(alone.timings) == 1 and alone.timings[0].ratio == 1.0
 
 
-def test_large_proto_goes_through_external_data(monkeypatch):
-    # Pretend the 2 GB protobuf limit is tiny so the temp-file path runs on a small model.
-    monkeypatch.setattr(bench_module, "_PROTO_LIMIT", 10)
-    model = conv_model()
+def test_large_proto_goes_through_external_data(monkeypatch, caplog):
+    # Pretend the 2 GB protobuf limit is tiny so the external-data path runs on a small model.
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 10)
+    model = conv_model(channels=64)  # a weight over save's 1 KB external-data threshold
     before = model.SerializeToString()
-    result = bench([model], **FAST)
+    with caplog.at_level("INFO", logger="graphfold.bench"):
+        result = bench([model], **FAST)
+    assert "external data" in caplog.text
     assert result.timings[0].ratio == 1.0
     assert model.SerializeToString() == before  # the caller's proto keeps its weights
 
