@@ -1,0 +1,11 @@
+"""graphfold: remove the depth a CNN does not need from its ONNX graph, exactly by default."""
+from __future__ import annotations
+
+from graphfold._version import __version__
+from graphfold.api import check, fold, inspect
+from graphfold.errors import GraphfoldError, UsageError, ValidationError
+from graphfold.report import Report
+from graphfold.validate import ValidationResult
+
+__all__ = ["__version__", "fold", "inspect", "check", "Report", "ValidationResult",
+           "GraphfoldError", "UsageError", "ValidationError"]

@@ -1,0 +1,5 @@
+import sys
+
+from graphfold.cli import main
+
+sys.exit(main())

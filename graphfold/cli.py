@@ -1,0 +1,278 @@
+"""Command line: ``graphfold IN.onnx -o OUT.onnx`` and the check / inspect / bench subcommands.
+
+A thin layer over the API; the only module that prints. Exit codes: 0 done, 1 validation
+failed (nothing written), 2 usage error or bad input, 3 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Sequence
+
+from graphfold import api
+from graphfold._version import __version__
+from graphfold.engine import PassError
+from graphfold.errors import GraphfoldError, UsageError, ValidationError
+from graphfold.inputs import parse_input_shape
+from graphfold.io import ensure_writable, save_model
+from graphfold.passes import DEFAULT_PIPELINE
+
+SUBCOMMANDS = ("check", "inspect", "bench")
+
+MAIN_EPILOG = """\
+subcommands (run 'graphfold SUBCOMMAND --help'):
+  graphfold check A.onnx B.onnx      are two models numerically equivalent?
+  graphfold inspect IN.onnx          what can be folded, and why the rest is not
+  graphfold bench A.onnx [B.onnx..]  onnxruntime latency comparison
+
+examples:
+  graphfold model.onnx -o model.folded.onnx
+  graphfold model.onnx -o out.onnx --input-shape input:1,3,224,224 --report report.json
+  graphfold model.onnx -o out.onnx --skip-passes fold-affine --no-check
+
+Every rewrite graphfold makes by default is exact: outputs equal up to float rounding.
+The result is checked against the original with onnxruntime (optimizations off on both
+sides, seeded random inputs); if it does not match, nothing is written and the exit code
+is 1. Exit codes: 0 done, 1 validation failed, 2 bad input or usage, 3 internal error.
+"""
+
+
+class Console:
+    """stdout for results, stderr for progress and errors; quiet silences all but errors."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._live = sys.stderr.isatty() and not quiet
+        self._start = time.monotonic()
+        self._shown = False
+
+    def out(self, text: str = "") -> None:
+        if not self.quiet:
+            self.clear()
+            print(text)
+
+    def progress(self, text: str) -> None:
+        # Only on a terminal, and only once the run is long enough for it to matter.
+        if self._live and time.monotonic() - self._start > 0.5:
+            sys.stderr.write(f"\r\033[K{text}")
+            sys.stderr.flush()
+            self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self._shown = False
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                        help="concrete shape for a graph input with dynamic dims (repeatable), "
+                             "used for validation, shape analysis and MAC counts")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+
+
+def _pass_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--passes", metavar="A,B", help="run only these passes (see --list-passes)")
+    parser.add_argument("--skip-passes", metavar="A,B", help="run the default pipeline without these passes")
+    parser.add_argument("--fold-all", action="store_true",
+                        help="do every exact merge, even where the cost model predicts it is slower")
+
+
+def main_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graphfold", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MAIN_EPILOG,
+        description="Remove the depth a CNN does not need from its ONNX graph: fold BatchNorm and "
+                    "per-channel affine ops into convs, drop Identity/Dropout and dead nodes, merge "
+                    "Conv chains, skips and parallel branches into single Convs.")
+    parser.add_argument("input", nargs="?", help="the ONNX model to optimize (never modified)")
+    parser.add_argument("-o", "--output", help="where to write the optimized model (written atomically)")
+    parser.add_argument("--report", metavar="PATH", help="write a JSON report: before/after statistics, "
+                                                         "every rewrite, declines, validation")
+    parser.add_argument("--no-check", action="store_true", help="skip validation against the original")
+    parser.add_argument("--list-passes", action="store_true", help="list the passes in pipeline order and exit")
+    parser.add_argument("--version", action="version", version=f"graphfold {__version__}")
+    _pass_selection(parser)
+    _common(parser)
+    return parser
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _shapes(specs: Sequence[str]) -> dict[str, list[int]] | None:
+    return dict(parse_input_shape(s) for s in specs) or None
+
+
+def run_fold(args: argparse.Namespace, console: Console) -> int:
+    if args.list_passes:
+        for p in DEFAULT_PIPELINE:
+            console.out(f"{p.name:28} {p.summary}")
+        return 0
+    if not args.input:
+        raise UsageError("missing input model (usage: graphfold IN.onnx -o OUT.onnx; see --help)")
+    if not args.output:
+        raise UsageError("missing -o/--output (graphfold never overwrites its input)")
+    ensure_writable(args.output, args.input)
+    if args.report:
+        ensure_writable(args.report, args.input)
+    try:
+        model, report = api.fold(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
+                                 fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
+                                 check=not args.no_check, progress=console.progress)
+    except ValidationError as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            console.out(report.summary())
+            if args.report:
+                _write_text(args.report, report.to_json())
+        raise
+    save_model(model, args.output)
+    if args.report:
+        _write_text(args.report, report.to_json())
+    console.out(f"graphfold {__version__}: {args.input} -> {args.output}")
+    console.out(report.summary())
+    if report.validation is None:
+        console.out("validation skipped (--no-check)")
+    return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write report: {exc.strerror or exc}") from None
+
+
+def run_check(argv: Sequence[str], console_quiet: bool = False) -> int:
+    parser = argparse.ArgumentParser(prog="graphfold check",
+                                     description="Compare two models' outputs under onnxruntime "
+                                                 "(optimizations off) on the same seeded random inputs.")
+    parser.add_argument("reference", help="the original model")
+    parser.add_argument("candidate", help="the model that should match it")
+    parser.add_argument("--rtol", type=float, default=1e-4,
+                        help="pass when max|b - a| <= atol + rtol * max|a| per output (default 1e-4)")
+    parser.add_argument("--seeds", type=int, default=3, help="number of random inputs (default 3)")
+    _common(parser)
+    args = parser.parse_args(argv)
+    console = Console(args.quiet)
+    _logging(args.verbose)
+    result = api.check(args.reference, args.candidate, input_shapes=_shapes(args.input_shape),
+                       seeds=tuple(range(args.seeds)), rtol=args.rtol)
+    for o in result.outputs:
+        console.out(f"  {o.name:24} max abs {o.max_abs:.3g}  max rel {o.max_rel:.3g}  "
+                    f"{'ok' if o.passed else 'MISMATCH'} {o.note}".rstrip())
+    console.out(result.summary())
+    return 0 if result.passed else 1
+
+
+def run_inspect(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="graphfold inspect",
+                                     description="Show what graphfold would fold in a model and, for every "
+                                                 "candidate it leaves alone, why.")
+    parser.add_argument("input", help="the ONNX model")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    _pass_selection(parser)
+    _common(parser)
+    args = parser.parse_args(argv)
+    console = Console(args.quiet)
+    _logging(args.verbose)
+    report = api.inspect(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
+                         fold_all=args.fold_all, input_shapes=_shapes(args.input_shape))
+    if args.json:
+        console.out(report.to_json())
+        return 0
+    console.out(report.table())
+    console.out(f"\nfoldable ({len(report.rewrites)}):")
+    for r in report.rewrites:
+        kind = "exact" if r.exact else f"approx <= {r.error_bound:.3g}"
+        console.out(f"  {r.pass_name:26} {kind:8} {r.detail}")
+    console.out(f"\nleft alone ({len(report.declines)}):")
+    for d in report.declines:
+        console.out(f"  {d.pass_name:26} {', '.join(d.nodes)}: {d.reason}")
+    return 0
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    from graphfold import bench
+
+    parser = argparse.ArgumentParser(prog="graphfold bench",
+                                     description="Compare onnxruntime latency of models with the same inputs: "
+                                                 "warm-up, then interleaved rounds so machine drift cancels; "
+                                                 "median and p10-p90 spread, ratio to the first model.")
+    parser.add_argument("models", nargs="+", help="ONNX models (the first is the baseline)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--batch", type=int, help="batch size for a dynamic leading dim (default 1)")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
+    parser.add_argument("--provider", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="execution provider (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="write a bar chart of the medians")
+    _common(parser)
+    args = parser.parse_args(argv)
+    console = Console(args.quiet)
+    _logging(args.verbose)
+    result = bench.bench(args.models, threads=args.threads, batch=args.batch,
+                         input_shapes=_shapes(args.input_shape), provider=args.provider, rounds=args.rounds,
+                         progress=lambda done, total: console.progress(f"round {done}/{total}"))
+    console.clear()
+    if args.json:
+        import json
+
+        console.out(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.out(result.format_table())
+    if args.plot:
+        bench.plot(result, args.plot)
+    return 0
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = "-q" in argv or "--quiet" in argv
+    console = Console(quiet)
+    try:
+        if argv and argv[0] == "check":
+            return run_check(argv[1:])
+        if argv and argv[0] == "inspect":
+            return run_inspect(argv[1:])
+        if argv and argv[0] == "bench":
+            return run_bench(argv[1:])
+        args = main_parser().parse_args(argv)
+        _logging(args.verbose)
+        return run_fold(args, console)
+    except GraphfoldError as exc:
+        console.clear()
+        print(f"graphfold: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except PassError as exc:
+        console.clear()
+        print(f"graphfold: internal error: {exc} (please report it; nothing was written)", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        console.clear()
+        print("graphfold: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        console.clear()
+        print("graphfold: error: out of memory", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: one line for the user, the traceback under -v
+        console.clear()
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        print(f"graphfold: internal error: {type(exc).__name__}: {exc} (please report it; "
+              "nothing was written)", file=sys.stderr)
+        return 3

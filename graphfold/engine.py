@@ -1,0 +1,222 @@
+"""The pass engine: match / check / rewrite passes run to a fixed point, every rewrite recorded.
+
+A pass finds candidates (``match``), decides for each whether it may fire (``check`` returns
+``Exact``, ``Approx(bound)`` or ``Reject(reason)`` and never mutates), and builds the
+replacement (``rewrite``, which never declines). The engine runs an explicit ordered list
+of passes until a whole round changes nothing, records each rewrite and, for
+``graphfold inspect``, each decline with its reason.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ClassVar, Iterable, Mapping, Sequence, Union
+
+import onnx_graphsurgeon as gs
+
+from graphfold.graph import NameScope
+
+log = logging.getLogger(__name__)
+
+Shape = tuple  # of int | None
+
+
+@dataclass(frozen=True)
+class Exact:
+    """The rewrite leaves outputs equal up to float rounding."""
+
+
+@dataclass(frozen=True)
+class Approx:
+    """The rewrite changes outputs by at most ``bound`` (absolute, on the data it was measured on)."""
+
+    bound: float
+    how: str = "measured"
+
+
+@dataclass(frozen=True)
+class Reject:
+    """The rewrite may not fire here, and why (shown by ``graphfold inspect``)."""
+
+    reason: str
+
+
+Decision = Union[Exact, Approx, Reject]
+
+
+@dataclass
+class Match:
+    """A candidate: the nodes it would replace (first is the anchor) and pass-specific data."""
+
+    nodes: tuple[gs.Node, ...]
+    data: dict = field(default_factory=dict)
+
+    @property
+    def anchor(self) -> gs.Node:
+        return self.nodes[0]
+
+
+@dataclass
+class Change:
+    """What ``rewrite`` did: nodes taken out, nodes put in, and a short description."""
+
+    removed: Sequence[gs.Node]
+    added: Sequence[gs.Node]
+    detail: str = ""
+
+
+@dataclass
+class Rewrite:
+    """One applied rewrite, as the report shows it."""
+
+    pass_name: str
+    nodes_removed: list[str]
+    nodes_added: list[str]
+    exact: bool
+    error_bound: float | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Decline:
+    """One candidate a pass looked at and left alone."""
+
+    pass_name: str
+    nodes: list[str]
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FoldOptions:
+    fold_all: bool = False  # every exact merge, even where the cost model says it does not pay
+    max_rounds: int = 8
+
+
+class FoldContext:
+    """What a pass sees: the graph, shapes, options, a name scope and the decline log."""
+
+    def __init__(self, graph: gs.Graph, options: FoldOptions | None = None,
+                 static_shapes: Mapping[str, Shape] | None = None,
+                 concrete_shapes: Mapping[str, Shape] | None = None) -> None:
+        self.graph = graph
+        self.options = options or FoldOptions()
+        # static: dims as the model fixes them (None where symbolic) -- decides exactness.
+        # concrete: dims with symbolic ones resolved -- only for costs.
+        self.static_shapes: dict[str, Shape] = dict(static_shapes or {})
+        self.concrete_shapes: dict[str, Shape] = dict(concrete_shapes or {})
+        self.scope = NameScope(graph)
+        self.declines: list[Decline] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute per-graph facts that rewrites may change."""
+        self.graph_outputs = {t.name for t in self.graph.outputs}
+
+    def static_shape(self, tensor: gs.Tensor) -> Shape | None:
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.shape)
+        return self.static_shapes.get(tensor.name)
+
+    def concrete_shape(self, tensor: gs.Tensor) -> Shape | None:
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.shape)
+        return self.concrete_shapes.get(tensor.name) or self.static_shape(tensor)
+
+    def copy_shape(self, dst: gs.Tensor, src: gs.Tensor) -> None:
+        """Give a tensor made by a rewrite the shapes of the tensor it stands for."""
+        for table in (self.static_shapes, self.concrete_shapes):
+            if src.name in table:
+                table[dst.name] = table[src.name]
+
+    def set_shape(self, tensor: gs.Tensor, static: Shape | None, concrete: Shape | None = None) -> None:
+        if static is not None:
+            self.static_shapes[tensor.name] = tuple(static)
+        if concrete is not None or static is not None:
+            self.concrete_shapes[tensor.name] = tuple(concrete if concrete is not None else static)
+
+
+class Pass:
+    """A rewrite family. Subclasses set ``name`` and ``summary`` and implement the three steps."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def match(self, ctx: FoldContext) -> Iterable[Match]:
+        raise NotImplementedError
+
+    def check(self, ctx: FoldContext, match: Match) -> Decision:
+        raise NotImplementedError
+
+    def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
+        raise NotImplementedError
+
+
+Progress = Callable[[str], None]
+
+
+class PassError(RuntimeError):
+    """A rewrite raised: a bug in graphfold, reported with the pass's name."""
+
+
+def run_pass(ctx: FoldContext, fold_pass: Pass) -> list[Rewrite]:
+    """One sweep of ``fold_pass`` over the graph; returns the rewrites it made."""
+    ctx.refresh()
+    gone: set[int] = set()
+    rewrites = []
+    for match in list(fold_pass.match(ctx)):
+        # An earlier rewrite in this sweep may have consumed part of this candidate.
+        if any(id(node) in gone for node in match.nodes):
+            continue
+        try:
+            decision = fold_pass.check(ctx, match)
+        except Exception as exc:  # check never mutates, so a failing one is just a decline
+            log.debug("%s: check failed", fold_pass.name, exc_info=True)
+            decision = Reject(f"could not analyse ({type(exc).__name__}: {exc})")
+        if isinstance(decision, Reject):
+            ctx.declines.append(Decline(fold_pass.name, [n.name for n in match.nodes], decision.reason))
+            continue
+        change = fold_pass.rewrite(ctx, match, decision)
+        gone.update(id(node) for node in change.removed)
+        ctx.refresh()
+        rewrites.append(Rewrite(
+            pass_name=fold_pass.name,
+            nodes_removed=[n.name for n in change.removed],
+            nodes_added=[n.name for n in change.added],
+            exact=isinstance(decision, Exact),
+            error_bound=decision.bound if isinstance(decision, Approx) else None,
+            detail=change.detail,
+        ))
+        log.debug("%s: %s", fold_pass.name, change.detail)
+    if rewrites:
+        ctx.graph.cleanup()
+    return rewrites
+
+
+def run_pipeline(ctx: FoldContext, passes: Sequence[Pass], progress: Progress | None = None) -> list[Rewrite]:
+    """Run ``passes`` in order, round after round, until a round changes nothing."""
+    applied: list[Rewrite] = []
+    for round_index in range(1, ctx.options.max_rounds + 1):
+        # Declines are re-collected each round so the last round's list is the final state.
+        ctx.declines.clear()
+        changed = 0
+        for fold_pass in passes:
+            if progress:
+                progress(f"round {round_index}: {fold_pass.name}")
+            try:
+                done = run_pass(ctx, fold_pass)
+            except Exception as exc:
+                raise PassError(f"pass {fold_pass.name!r} failed: {type(exc).__name__}: {exc}") from exc
+            applied.extend(done)
+            changed += len(done)
+        if not changed:
+            break
+    else:
+        log.info("stopped after %d rounds without reaching a fixed point", ctx.options.max_rounds)
+    ctx.graph.cleanup().toposort()
+    return applied

@@ -1,0 +1,18 @@
+"""Errors that reach the user as one line and an exit code."""
+from __future__ import annotations
+
+
+class GraphfoldError(Exception):
+    """Base of graphfold's user-facing errors; ``exit_code`` is what the CLI returns."""
+
+    exit_code = 2
+
+
+class UsageError(GraphfoldError):
+    """Bad arguments or an input file graphfold cannot use (exit 2)."""
+
+
+class ValidationError(GraphfoldError):
+    """The optimized model does not match the original (exit 1); nothing is written."""
+
+    exit_code = 1

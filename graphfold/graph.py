@@ -1,0 +1,186 @@
+"""Small helpers over onnx-graphsurgeon graphs: constants, consumers, splicing, Conv attributes."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphfold.kernels import ConvParams
+
+# Weight dtypes the numpy algebra handles (bfloat16 and friends are declined).
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+class NameScope:
+    """Unique tensor and node names for a graph, so rewrites never collide."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self._used = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
+
+    def make(self, base: str) -> str:
+        name = base
+        index = 0
+        while name in self._used:
+            index += 1
+            name = f"{base}_{index}"
+        self._used.add(name)
+        return name
+
+
+def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The tensor's value if it is a constant (initializer or Constant node output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if tensor is not None and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        attrs = tensor.inputs[0].attrs
+        value = attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def float_const(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """Like ``const_value`` but only for float16/32/64 data, which the weight algebra handles."""
+    value = const_value(tensor)
+    if value is None or value.dtype not in FLOAT_DTYPES:
+        return None
+    return value
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def sole_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
+    """The only node reading ``tensor``, if it has exactly one and is not a graph output."""
+    if tensor.name in graph_outputs or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def single_use_reason(tensor: gs.Tensor, graph_outputs: set[str]) -> str | None:
+    """Why ``tensor`` cannot be folded away (None when it has one consumer and is internal)."""
+    if tensor.name in graph_outputs:
+        return f"intermediate {tensor.name!r} is a graph output"
+    if len(tensor.outputs) > 1:
+        return f"intermediate {tensor.name!r} is used by {len(tensor.outputs)} nodes"
+    return None
+
+
+def is_shared(tensor: gs.Tensor, owner: gs.Node) -> bool:
+    """True when a weight is also read by a node other than ``owner``."""
+    return any(node is not owner for node in tensor.outputs)
+
+
+def detach(nodes: Iterable[gs.Node]) -> None:
+    """Disconnect nodes so the next ``cleanup`` drops them."""
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Point every consumer of ``old`` at ``new`` (graph outputs are handled by the caller)."""
+    for node in list(old.outputs):
+        node.inputs[:] = [new if t is old else t for t in node.inputs]
+
+
+def make_const(scope: NameScope, base: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(scope.make(base), np.ascontiguousarray(values))
+
+
+def make_var(scope: NameScope, base: str, like: gs.Tensor | None = None) -> gs.Variable:
+    dtype = like.dtype if like is not None else None
+    return gs.Variable(scope.make(base), dtype=dtype)
+
+
+def conv_params(node: gs.Node, in_spatial: Sequence[int | None] | None = None) -> ConvParams | None:
+    """The Conv's weights and attributes with pads made explicit, or None if not constant.
+
+    ``auto_pad`` SAME_* needs the input's static spatial size; without it the result is None.
+    """
+    weight = float_const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or weight.ndim < 3:
+        return None
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        bias = float_const(node.inputs[2])
+        if bias is None:
+            return None
+    rank = weight.ndim - 2
+    kernel = tuple(weight.shape[2:])
+    strides = tuple(node.attrs.get("strides", [1] * rank))
+    dilations = tuple(node.attrs.get("dilations", [1] * rank))
+    pads = _explicit_pads(node, kernel, strides, dilations, in_spatial)
+    if pads is None:
+        return None
+    return ConvParams.create(weight, bias, strides=strides, dilations=dilations, pads=pads,
+                             group=int(node.attrs.get("group", 1)))
+
+
+def _explicit_pads(node: gs.Node, kernel: tuple[int, ...], strides: tuple[int, ...],
+                   dilations: tuple[int, ...], in_spatial: Sequence[int | None] | None) -> tuple[int, ...] | None:
+    rank = len(kernel)
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("NOTSET", ""):
+        return tuple(node.attrs.get("pads", [0] * (2 * rank)))
+    if auto_pad == "VALID":
+        return (0,) * (2 * rank)
+    if in_spatial is None or any(d is None for d in in_spatial):
+        return None
+    begins, ends = [], []
+    for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + d * (k - 1) + 1 - size)
+        small, large = total // 2, total - total // 2
+        # SAME_UPPER puts the odd pad at the end, SAME_LOWER at the beginning.
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return tuple(begins + ends)
+
+
+def conv_attrs(params: ConvParams) -> dict:
+    """ONNX Conv attributes for ``params`` (explicit pads, no auto_pad)."""
+    return {
+        "kernel_shape": [int(k) for k in params.kernel_shape],
+        "strides": [int(s) for s in params.strides],
+        "dilations": [int(d) for d in params.dilations],
+        "pads": [int(p) for p in params.pads],
+        "group": int(params.group),
+    }
+
+
+def make_conv(scope: NameScope, name: str, x: gs.Tensor, out: gs.Tensor, params: ConvParams,
+              weight_dtype: np.dtype) -> gs.Node:
+    """A Conv node computing ``params`` from ``x`` into ``out`` (bias omitted when it is zero)."""
+    inputs = [x, make_const(scope, f"{name}.weight", params.weight.astype(weight_dtype))]
+    if np.any(params.bias != 0):
+        inputs.append(make_const(scope, f"{name}.bias", params.bias.astype(weight_dtype)))
+    return gs.Node("Conv", scope.make(name), attrs=conv_attrs(params), inputs=inputs, outputs=[out])
+
+
+def bypass_reason(node: gs.Node, x: gs.Tensor, y: gs.Tensor, graph_outputs: set[str]) -> str | None:
+    """Why the pass-through node ``x -> node -> y`` cannot be removed (None when it can)."""
+    if y.name not in graph_outputs:
+        return None
+    # y must keep its name: the tensor feeding the node has to be renamable to y.
+    if x.name in graph_outputs:
+        return f"{x.name!r} and {y.name!r} are both graph outputs"
+    if producer(x) is None:
+        return f"graph output {y.name!r} would become a graph input or constant"
+    return None
+
+
+def bypass(node: gs.Node, x: gs.Tensor, y: gs.Tensor, graph_outputs: set[str]) -> None:
+    """Remove the pass-through node ``x -> node -> y`` (check ``bypass_reason`` first)."""
+    detach([node])
+    if y.name in graph_outputs:
+        # Keep the graph output's name: x's producer now writes y, and x's readers read y.
+        source = producer(x)
+        replace_uses(x, y)
+        source.outputs[:] = [y if t is x else t for t in source.outputs]
+    else:
+        replace_uses(y, x)

@@ -1,0 +1,88 @@
+"""Concrete input shapes and seeded random inputs for a model's graph inputs.
+
+Validation and benchmarking both need to feed a model whose inputs may have symbolic
+dims. A dim is resolved, in order, from the user's ``--input-shape``, from ``batch`` for
+the leading axis, else 1 for the leading axis and ``DEFAULT_DIM`` for the others.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from graphfold.errors import UsageError
+
+DEFAULT_DIM = 32
+
+ShapeMap = Mapping[str, Sequence[int]]
+
+_SHAPE_SPEC = re.compile(r"^(?P<name>.+):(?P<dims>\d+(?:[,x]\d+)*)$")
+
+
+def parse_input_shape(spec: str) -> tuple[str, list[int]]:
+    """Parse ``NAME:d0,d1,...`` (``x`` also separates dims) into a name and dims."""
+    match = _SHAPE_SPEC.match(spec.strip())
+    if not match:
+        raise UsageError(f"bad --input-shape {spec!r}: expected NAME:d0,d1,... such as input:1,3,224,224")
+    dims = [int(d) for d in re.split(r"[,x]", match.group("dims"))]
+    return match.group("name"), dims
+
+
+def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are fed at run time (older exporters also list initializers as inputs)."""
+    initializers = {init.name for init in graph.initializer}
+    return [vi for vi in graph.input if vi.name not in initializers]
+
+
+def resolve_shape(vi: onnx.ValueInfoProto, input_shapes: ShapeMap | None = None,
+                  batch: int | None = None) -> list[int]:
+    """Concrete dims for one graph input."""
+    if input_shapes and vi.name in input_shapes:
+        return [int(d) for d in input_shapes[vi.name]]
+    tensor_type = vi.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        raise UsageError(f"input {vi.name!r} has no shape; give it with --input-shape {vi.name}:d0,d1,...")
+    dims = []
+    for axis, dim in enumerate(tensor_type.shape.dim):
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            value = dim.dim_value  # a fixed dim is part of the model's contract
+        elif axis == 0:
+            value = batch or 1
+        else:
+            value = DEFAULT_DIM
+        dims.append(int(value))
+    return dims
+
+
+def resolve_shapes(model: onnx.ModelProto, input_shapes: ShapeMap | None = None,
+                   batch: int | None = None) -> dict[str, list[int]]:
+    """Concrete dims for every run-time input of ``model``."""
+    return {vi.name: resolve_shape(vi, input_shapes, batch) for vi in real_inputs(model.graph)}
+
+
+def random_array(elem_type: int, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """Seeded data for one input: N(0, 1) floats, small non-negative integers, random bools."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        # Small non-negative values stay valid as indices, lengths and class ids in most graphs.
+        return rng.integers(0, 3, size=shape).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    raise UsageError(f"cannot make random data of type {np.dtype(dtype).name}; "
+                     "give real inputs instead")
+
+
+def make_inputs(model: onnx.ModelProto, input_shapes: ShapeMap | None = None, seed: int = 0,
+                batch: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded random feeds for every run-time input of ``model``."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in real_inputs(model.graph):
+        shape = resolve_shape(vi, input_shapes, batch)
+        feeds[vi.name] = random_array(vi.type.tensor_type.elem_type, shape, rng)
+    return feeds

@@ -1,0 +1,132 @@
+"""Loading and saving models without ever losing the user's data.
+
+Every failure to read a model becomes one ``UsageError`` line. Saving goes through a
+temporary file in the destination folder and an atomic rename, so a reader never sees a
+half-written model and an existing file is replaced only by a complete one. Models over
+the 2 GB protobuf limit are written with their weights in one external data file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from graphfold.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+# Protobuf refuses to serialize a message of 2 GiB or more; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model (external data included) or raise one readable ``UsageError``."""
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory, not an ONNX file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{path}: permission denied")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(path)
+    except DecodeError as exc:
+        raise UsageError(f"{path}: not an ONNX model or truncated ({_first_line(exc) or 'protobuf parse failed'})") from None
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        # Missing or short external data files surface here.
+        raise UsageError(f"{path}: cannot read model data: {_first_line(exc)}") from None
+    except Exception as exc:  # protobuf raises assorted types on garbage input
+        raise UsageError(f"{path}: not an ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not model.HasField("graph"):
+        raise UsageError(f"{path}: not an ONNX model (no graph)")
+    if check:
+        check_model(model, path)
+    return model
+
+
+def check_model(model: onnx.ModelProto, path: str = "model") -> None:
+    """Run ``onnx.checker`` and the opset test, turning failures into one ``UsageError`` line."""
+    _check_opsets(model, path)
+    try:
+        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+            # The checker serializes its argument; a large model must be checked from disk.
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp_path = os.path.join(tmp, "model.onnx")
+                _save(model, tmp_path)
+                onnx.checker.check_model(tmp_path)
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise UsageError(f"{path}: invalid ONNX graph: {_first_line(exc)}") from None
+    except Exception as exc:  # the checker may raise other errors on broken protos
+        raise UsageError(f"{path}: invalid ONNX graph: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _check_opsets(model: onnx.ModelProto, path: str) -> None:
+    known = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > known:
+            raise UsageError(f"{path}: uses ai.onnx opset {opset.version}, newer than the {known} "
+                             f"this onnx {onnx.__version__} knows; upgrade onnx")
+    if model.ir_version > onnx.IR_VERSION:
+        raise UsageError(f"{path}: IR version {model.ir_version} is newer than the {onnx.IR_VERSION} "
+                         f"this onnx {onnx.__version__} knows; upgrade onnx")
+
+
+def ensure_writable(path: str, input_path: str | None = None) -> None:
+    """Fail early, before any work, if ``path`` cannot be written or would clobber the input."""
+    target = os.path.abspath(path)
+    if input_path is not None and os.path.exists(input_path) and os.path.exists(target) \
+            and os.path.samefile(target, input_path):
+        raise UsageError(f"{path}: output would overwrite the input; graphfold never modifies its input, "
+                         "choose another output path")
+    if os.path.isdir(target):
+        raise UsageError(f"{path}: is a directory; give an output file path")
+    folder = os.path.dirname(target) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise UsageError(f"{path}: permission denied")
+
+
+def save_model(model: onnx.ModelProto, path: str) -> None:
+    """Write ``model`` to ``path`` atomically; large models get ``<name>.data`` beside them."""
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    name = os.path.basename(target)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
+    try:
+        staged = os.path.join(staging, name)
+        data_name = _save(model, staged)
+        if data_name is not None:
+            os.replace(os.path.join(staging, data_name), os.path.join(folder, data_name))
+        os.replace(staged, target)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write output: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save(model: onnx.ModelProto, path: str) -> str | None:
+    """Save, with external data when needed; returns the data file's name, if any."""
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, path)
+        return None
+    data_name = os.path.basename(path) + ".data"
+    # save_model with external data rewrites the tensors it moves; work on a copy so the
+    # caller's model keeps its weights in memory.
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    return data_name
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,29 @@
+"""The rewrite passes and the default pipeline, in the order it runs them."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from graphfold.engine import Pass
+from graphfold.errors import UsageError
+from graphfold.passes.affine import FoldBatchNorm, FoldChannelAffine
+from graphfold.passes.cleanup import FoldConstants, RemoveDeadNodes, RemoveIdentity
+
+# Clean-up first so the folds see plain Conv -> op chains; every pass here is exact.
+DEFAULT_PIPELINE: tuple[type[Pass], ...] = (
+    FoldConstants,
+    RemoveIdentity,
+    RemoveDeadNodes,
+    FoldBatchNorm,
+    FoldChannelAffine,
+)
+
+PASSES: dict[str, type[Pass]] = {p.name: p for p in DEFAULT_PIPELINE}
+
+
+def build_pipeline(only: Sequence[str] | None = None, skip: Sequence[str] = ()) -> list[Pass]:
+    """The default pipeline, restricted to ``only`` and without ``skip`` (pass names)."""
+    for name in list(only or []) + list(skip):
+        if name not in PASSES:
+            raise UsageError(f"unknown pass {name!r}; known passes: {', '.join(PASSES)}")
+    chosen = [p for p in DEFAULT_PIPELINE if (not only or p.name in only) and p.name not in skip]
+    return [p() for p in chosen]

@@ -1,0 +1,116 @@
+"""Model statistics for reports: nodes, convs, depth, parameters and MACs.
+
+Depth is the longest chain of compute layers (Conv, ConvTranspose, Gemm, MatMul and
+their quantized forms) along any path of the graph: the number of layers a signal
+crosses in sequence, which is what depth folding reduces.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import numpy as np
+import onnx
+
+Shape = tuple
+
+CONV_OPS = {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"}
+LAYER_OPS = CONV_OPS | {"Gemm", "MatMul", "QLinearMatMul", "MatMulInteger"}
+
+
+def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node, those inside If/Loop/Scan bodies included."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_nodes(sub)
+
+
+def depth(graph: onnx.GraphProto) -> int:
+    """Longest chain of ``LAYER_OPS`` nodes through the top-level graph (nodes in any order)."""
+    producer = {out: node for node in graph.node for out in node.output if out}
+    memo: dict[int, int] = {}
+    best = 0
+    for start in graph.node:
+        # Iterative DFS: deep nets would overflow Python's recursion limit.
+        stack = [(start, False)]
+        while stack:
+            node, ready = stack.pop()
+            key = id(node)
+            if key in memo:
+                continue
+            parents = [producer[i] for i in node.input if i in producer]
+            if not ready:
+                stack.append((node, True))
+                stack.extend((p, False) for p in parents if id(p) not in memo)
+                continue
+            own = 1 if node.op_type in LAYER_OPS else 0
+            memo[key] = own + max((memo.get(id(p), 0) for p in parents), default=0)
+        best = max(best, memo[id(start)])
+    return best
+
+
+def parameter_count(graph: onnx.GraphProto) -> int:
+    total = sum(int(np.prod(init.dims, dtype=np.int64)) for init in graph.initializer)
+    for node in iter_nodes(graph):
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    total += int(np.prod(attr.t.dims, dtype=np.int64))
+    return total
+
+
+def node_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+    """Multiply-accumulates of one layer node, or None when a shape it needs is unknown."""
+    def known(name: str) -> Shape | None:
+        shape = shapes.get(name)
+        return shape if shape is not None and all(d is not None for d in shape) else None
+
+    if node.op_type == "Conv" and len(node.input) > 1:
+        out, weight = known(node.output[0]), known(node.input[1])
+        if out is None or weight is None:
+            return None
+        # Every output element reads C/g * prod(k) weights.
+        return int(np.prod(out, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+    if node.op_type == "ConvTranspose" and len(node.input) > 1:
+        x, weight = known(node.input[0]), known(node.input[1])
+        if x is None or weight is None:
+            return None
+        return int(np.prod(x, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+    if node.op_type in ("Gemm", "MatMul"):
+        a, out = known(node.input[0]), known(node.output[0])
+        if a is None or out is None or not a:
+            return None
+        reduce_dim = a[0] if node.op_type == "Gemm" and _attr(node, "transA", 0) else a[-1]
+        return int(np.prod(out, dtype=np.int64) * reduce_dim)
+    return 0
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return attr.i
+    return default
+
+
+def model_stats(model: onnx.ModelProto, concrete_shapes: Mapping[str, Shape]) -> dict:
+    """The before/after numbers of the report. ``macs`` is None if any layer's shape is unknown."""
+    graph = model.graph
+    nodes = list(iter_nodes(graph))
+    macs: int | None = 0
+    for node in graph.node:
+        count = node_macs(node, concrete_shapes)
+        if count is None:
+            macs = None
+            break
+        macs += count
+    return {
+        "nodes": len(nodes),
+        "convs": sum(1 for n in nodes if n.op_type in CONV_OPS),
+        "depth": depth(graph),
+        "params": parameter_count(graph),
+        "macs": macs,
+    }

@@ -1,0 +1,191 @@
+"""Numerical equivalence of two models under onnxruntime.
+
+Both models run with every onnxruntime graph optimization disabled, so the runtime's own
+fusions cannot hide (or cause) a difference, on the same seeded random inputs (or the
+user's real ones). For each output the error is max|y' - y|, and the relative error is
+that over max|y|: the check passes when max|y' - y| <= atol + rtol * max|y|. Integer and
+bool outputs must match exactly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from graphfold.errors import UsageError
+from graphfold.inputs import make_inputs, real_inputs, ShapeMap
+from graphfold.io import EXTERNAL_DATA_THRESHOLD, _save
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-6
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+@dataclass
+class OutputError:
+    name: str
+    max_abs: float
+    max_rel: float
+    scale: float
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class ValidationResult:
+    passed: bool
+    outputs: list[OutputError]
+    inputs: list[dict[str, list[int]]]
+    rtol: float
+    atol: float
+    source: str = "random"  # or "calibration"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(max_abs=self.max_abs, max_rel=self.max_rel)
+        return out
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        worst = max(self.outputs, key=lambda o: o.max_rel, default=None)
+        detail = f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
+        if not self.passed and worst is not None:
+            detail += f"; worst output {worst.name!r} {worst.note}".rstrip()
+        return f"validation {verdict} on {len(self.inputs)} {self.source} input(s): {detail}"
+
+
+class Runner:
+    """An onnxruntime session over a model, with optimizations off."""
+
+    def __init__(self, model: onnx.ModelProto, what: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        self._tmp = None
+        try:
+            if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+                self._tmp = tempfile.TemporaryDirectory()
+                path = os.path.join(self._tmp.name, "model.onnx")
+                _save(model, path)
+                source = path
+            else:
+                source = model.SerializeToString()
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise UsageError(f"onnxruntime cannot run the {what} model: {_first_line(exc)}") from None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, object]:
+        names = {i.name for i in self.session.get_inputs()}
+        return dict(zip(self.output_names, self.session.run(None, {k: v for k, v in feeds.items() if k in names})))
+
+
+def compare_outputs(name: str, ref: object, out: object, rtol: float, atol: float) -> OutputError:
+    """Compare one output pair."""
+    try:
+        ref_arr, out_arr = np.asarray(ref), np.asarray(out)
+    except Exception:
+        return OutputError(name, 0.0, 0.0, 0.0, True, "not a tensor; not compared")
+    if ref_arr.shape != out_arr.shape:
+        return OutputError(name, float("inf"), float("inf"), 0.0, False,
+                           f"shape {list(out_arr.shape)} != {list(ref_arr.shape)}")
+    if ref_arr.dtype != out_arr.dtype:
+        return OutputError(name, float("inf"), float("inf"), 0.0, False,
+                           f"dtype {out_arr.dtype} != {ref_arr.dtype}")
+    if ref_arr.size == 0:
+        return OutputError(name, 0.0, 0.0, 0.0, True)
+    if not np.issubdtype(ref_arr.dtype, np.floating):
+        if ref_arr.dtype == object:
+            return OutputError(name, 0.0, 0.0, 0.0, True, "not a numeric tensor; not compared")
+        mismatched = int(np.count_nonzero(ref_arr != out_arr))
+        return OutputError(name, float(mismatched), float(mismatched) / ref_arr.size, 0.0, mismatched == 0,
+                           f"{mismatched} of {ref_arr.size} elements differ" if mismatched else "")
+    ref64, out64 = ref_arr.astype(np.float64), out_arr.astype(np.float64)
+    # NaN and inf where the original has them, at the same places, count as equal.
+    same_special = (np.isnan(ref64) & np.isnan(out64)) | ((ref64 == out64) & np.isinf(ref64))
+    diff = np.where(same_special, 0.0, np.abs(out64 - ref64))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    finite = ref64[np.isfinite(ref64)]
+    scale = float(np.max(np.abs(finite))) if finite.size else 0.0
+    max_abs = float(np.max(diff))
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    passed = max_abs <= atol + rtol * scale
+    return OutputError(name, max_abs, max_rel, scale, passed)
+
+
+def dtype_rtol(model: onnx.ModelProto, rtol: float) -> float:
+    """Loosen ``rtol`` for float16 outputs, whose rounding alone exceeds float32's tolerance."""
+    half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    if any(o.type.tensor_type.elem_type in half for o in model.graph.output):
+        return max(rtol, 1e-2)
+    return rtol
+
+
+def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
+                   input_shapes: ShapeMap | None = None, seeds: Sequence[int] = DEFAULT_SEEDS,
+                   feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
+                   rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                   progress: Callable[[str], None] | None = None) -> ValidationResult:
+    """Run both models on the same inputs and compare every output."""
+    rtol = dtype_rtol(reference, rtol)
+    ref_runner = Runner(reference, "original")
+    cand_runner = Runner(candidate, "optimized")
+    missing = set(ref_runner.output_names) - set(cand_runner.output_names)
+    if missing:
+        return ValidationResult(False, [OutputError(n, float("inf"), float("inf"), 0.0, False, "missing")
+                                        for n in sorted(missing)], [], rtol, atol)
+    source = "calibration" if feeds is not None else "random"
+    batches = list(feeds) if feeds is not None else list(_random_feeds(reference, input_shapes, seeds))
+    worst: dict[str, OutputError] = {}
+    used = []
+    for index, batch in enumerate(batches, 1):
+        if progress:
+            progress(f"validating {index}/{len(batches)}")
+        used.append({k: list(np.shape(v)) for k, v in batch.items()})
+        ref_out = ref_runner.run(batch)
+        try:
+            cand_out = cand_runner.run(batch)
+        except Exception as exc:
+            return ValidationResult(False, [OutputError("*", float("inf"), float("inf"), 0.0, False,
+                                                        f"optimized model failed to run: {_first_line(exc)}")],
+                                    used, rtol, atol, source)
+        for name in ref_runner.output_names:
+            err = compare_outputs(name, ref_out[name], cand_out[name], rtol, atol)
+            prev = worst.get(name, err)
+            # Keep each output's worst case: a failure outranks any pass, then the larger error.
+            worst[name] = max(prev, err, key=lambda e: (not e.passed, e.max_rel))
+    outputs = [worst[n] for n in ref_runner.output_names if n in worst]
+    return ValidationResult(all(o.passed for o in outputs), outputs, used, rtol, atol, source)
+
+
+def _random_feeds(model: onnx.ModelProto, input_shapes: ShapeMap | None, seeds: Sequence[int]):
+    """Seeded inputs at batch 1; with a symbolic batch dim the last seed runs at batch 2 too."""
+    symbolic_batch = any(
+        vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")
+        for vi in real_inputs(model.graph) if vi.name not in (input_shapes or {}))
+    for i, seed in enumerate(seeds):
+        batch = 2 if symbolic_batch and i == len(seeds) - 1 else None
+        yield make_inputs(model, input_shapes, seed=seed, batch=batch)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
