@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
@@ -30,30 +31,56 @@ class FoldConstants(Pass):
         foldable = []
         constant: set[str] = set()
         for node in ctx.graph.nodes:
-            if node.op in NONDETERMINISTIC_OPS or node.domain not in ("", "ai.onnx"):
-                continue
-            if any(isinstance(a, gs.Graph) for a in node.attrs.values()):
+            if not _may_fold(node):
                 continue
             inputs = [t for t in node.inputs if t.name]
-            if all(const_value(t) is not None or t.name in constant for t in inputs):
-                foldable.append(node)
-                constant.update(t.name for t in node.outputs)
+            if not all(const_value(t) is not None or t.name in constant for t in inputs):
+                continue
+            size = _result_bytes(ctx, node)
+            if size is not None and size > FOLD_SIZE_LIMIT:
+                yield Match((node,), {"too_large": size})
+                continue
+            foldable.append(node)
+            constant.update(t.name for t in node.outputs)
         if foldable:
             yield Match(tuple(foldable))
 
     def check(self, ctx: FoldContext, match: Match) -> Decision:
+        if "too_large" in match.data:
+            return Reject(f"result is {match.data['too_large'] / 2**20:.0f} MiB, "
+                          f"over the {FOLD_SIZE_LIMIT // 2**20} MiB constant-folding limit")
         return Exact()
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         _quiet_graphsurgeon()
         ctx.graph.toposort()
+        # graphsurgeon folds a copy of the graph, so it is told which nodes by kind, not identity.
         ctx.graph.fold_constants(fold_shapes=False, partitioning="basic", size_threshold=FOLD_SIZE_LIMIT,
-                                 should_exclude_node=lambda n: n.op in NONDETERMINISTIC_OPS,
-                                 flatten_subgraphs=False)
-        folded = [n for n in match.nodes if n.outputs and all(isinstance(t, gs.Constant) for t in n.outputs)]
+                                 should_exclude_node=lambda n: not _may_fold(n), flatten_subgraphs=False)
+        # graphsurgeon turns a folded node's outputs into Constants and disconnects them from it;
+        # what it leaves (over the limit, or not evaluable) is no change and the engine skips it.
+        folded = [n for n in match.nodes if all(isinstance(t, gs.Constant) for t in n.outputs)]
         for node in folded:
             node.outputs.clear()
         return Change(folded, [], f"folded {len(folded)} constant node(s)")
+
+
+def _may_fold(node: gs.Node) -> bool:
+    if node.op in NONDETERMINISTIC_OPS or node.domain not in (None, "", "ai.onnx"):
+        return False
+    return not any(isinstance(a, gs.Graph) for a in node.attrs.values())
+
+
+def _result_bytes(ctx: FoldContext, node: gs.Node) -> int | None:
+    """Size of the node's outputs where shape inference knows them (None when any is unknown)."""
+    total = 0
+    for tensor in node.outputs:
+        shape = ctx.static_shape(tensor)
+        if shape is None or any(d is None for d in shape):
+            return None
+        itemsize = np.dtype(tensor.dtype).itemsize if tensor.dtype is not None else 4
+        total += int(np.prod(shape, dtype=np.int64)) * itemsize
+    return total
 
 
 def _quiet_graphsurgeon() -> None:
