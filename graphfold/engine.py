@@ -182,6 +182,8 @@ def run_pass(ctx: FoldContext, fold_pass: Pass) -> list[Rewrite]:
             ctx.declines.append(Decline(fold_pass.name, [n.name for n in match.nodes], decision.reason))
             continue
         change = fold_pass.rewrite(ctx, match, decision)
+        if not change.removed and not change.added:
+            continue  # the rewrite found nothing left to do (e.g. constants that would not fold)
         gone.update(id(node) for node in change.removed)
         ctx.refresh()
         rewrites.append(Rewrite(

@@ -83,7 +83,15 @@ def detach(nodes: Iterable[gs.Node]) -> None:
 def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
     """Point every consumer of ``old`` at ``new`` (graph outputs are handled by the caller)."""
     for node in list(old.outputs):
-        node.inputs[:] = [new if t is old else t for t in node.inputs]
+        swap(node.inputs, old, new)
+
+
+def swap(tensors: list, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Replace ``old`` by ``new`` in a node's inputs or outputs, item by item: graphsurgeon's
+    synchronized lists keep producer/consumer links only through single-item assignment."""
+    for index, tensor in enumerate(tensors):
+        if tensor is old:
+            tensors[index] = new
 
 
 def make_const(scope: NameScope, base: str, values: np.ndarray) -> gs.Constant:
@@ -181,6 +189,6 @@ def bypass(node: gs.Node, x: gs.Tensor, y: gs.Tensor, graph_outputs: set[str]) -
         # Keep the graph output's name: x's producer now writes y, and x's readers read y.
         source = producer(x)
         replace_uses(x, y)
-        source.outputs[:] = [y if t is x else t for t in source.outputs]
+        swap(source.outputs, x, y)
     else:
         replace_uses(y, x)

@@ -5,16 +5,24 @@ from typing import Sequence
 
 from graphfold.engine import Pass
 from graphfold.errors import UsageError
+from graphfold.passes.activations import RemoveIdentityActivations
 from graphfold.passes.affine import FoldBatchNorm, FoldChannelAffine
+from graphfold.passes.branches import DropZeroBranches, MergeParallelBranches
 from graphfold.passes.cleanup import FoldConstants, RemoveDeadNodes, RemoveIdentity
+from graphfold.passes.conv_chain import MergeConvChains
 
-# Clean-up first so the folds see plain Conv -> op chains; every pass here is exact.
+# Clean-up first so the folds see plain Conv -> op chains; affine maps fold into their
+# convs before branches are summed and chains composed. Every pass here is exact.
 DEFAULT_PIPELINE: tuple[type[Pass], ...] = (
     FoldConstants,
     RemoveIdentity,
     RemoveDeadNodes,
     FoldBatchNorm,
     FoldChannelAffine,
+    RemoveIdentityActivations,
+    DropZeroBranches,
+    MergeParallelBranches,
+    MergeConvChains,
 )
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in DEFAULT_PIPELINE}

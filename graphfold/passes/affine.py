@@ -72,10 +72,10 @@ def layer_channels(ctx: FoldContext, layer: gs.Node) -> tuple[int, int, int] | N
 def _gemm_bias(layer: gs.Node) -> np.ndarray | None:
     weight = float_const(layer.inputs[1])
     channels = weight.shape[0] if layer.attrs.get("transB", 0) else weight.shape[1]
+    if len(layer.inputs) < 3 or not layer.inputs[2].name:
+        return np.zeros(channels, weight.dtype)  # the bias is optional
     bias = float_const(layer.inputs[2])
-    if bias is None:
-        return np.zeros(channels, weight.dtype)
-    return per_channel(bias, 2, 1, channels)
+    return None if bias is None else per_channel(bias, 2, 1, channels)
 
 
 def fold_affine(ctx: FoldContext, layer: gs.Node, scale: np.ndarray, shift: np.ndarray,
@@ -186,7 +186,8 @@ class FoldChannelAffine(Pass):
             return Reject(reason)
         affine = self._affine(ctx, match)
         if affine is None:
-            return Reject(f"{node.op} constant is not a finite per-output-channel vector of the layer's dtype")
+            return Reject(f"{node.op} constant of shape {list(const_value(node.inputs[1 - match.data['side']]).shape)} "
+                          "is not a finite per-output-channel vector of the layer's dtype")
         if node.op == "Div" and match.data["side"] == 1:
             return Reject("constant divided by the layer output is not affine")
         reason = _shift_allowed(ctx, layer, affine[1])

@@ -1,0 +1,160 @@
+"""Remove activations and arithmetic that are exact identities.
+
+``PRelu(x, 1) = x``, ``LeakyRelu(x; alpha=1) = x``, ``Relu(x) = x`` and ``Clip(x, a, b) = x``
+when x provably stays inside the clipped range (a Relu after a Relu, a Clip(0, 6) after a
+Relu6...), ``x * 1 = x``, ``x + 0 = x``, ``x - 0 = x``, ``x / 1 = x`` when the constant does not
+broadcast x to a larger shape. Exact: these nodes compute their input. Slopes merely close
+to 1 are approximations and are left to ``--snap-slope``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
+from graphfold.graph import bypass, bypass_reason, const_value, producer
+
+Range = tuple[float, float]
+UNBOUNDED: Range = (-math.inf, math.inf)
+# Ops whose output range is their input's (or narrower): max/avg pools, reshapes, transposes.
+RANGE_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
+                    "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Resize", "Upsample",
+                    "Slice", "Gather", "ReduceMax", "ReduceMin", "ReduceMean", "SpaceToDepth", "DepthToSpace"}
+FIXED_RANGE = {"Relu": (0.0, math.inf), "Sigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0), "Softmax": (0.0, 1.0),
+               "Abs": (0.0, math.inf), "Exp": (0.0, math.inf), "Softplus": (0.0, math.inf),
+               "Sqrt": (0.0, math.inf), "HardSigmoid": (0.0, 1.0)}
+MAX_RANGE_DEPTH = 16
+
+
+def clip_bounds(node: gs.Node) -> Range | None:
+    """A Clip's (min, max) from attributes (opset < 11) or constant inputs; None if not constant."""
+    low, high = node.attrs.get("min", -math.inf), node.attrs.get("max", math.inf)
+    for index, default in ((1, -math.inf), (2, math.inf)):
+        if len(node.inputs) > index and node.inputs[index].name:
+            value = const_value(node.inputs[index])
+            if value is None:
+                return None
+            bound = float(np.asarray(value).reshape(-1)[0]) if np.size(value) == 1 else None
+            if bound is None:
+                return None
+            low, high = (bound, high) if index == 1 else (low, bound)
+    return float(low), float(high)
+
+
+def value_range(tensor: gs.Tensor, depth: int = 0) -> Range:
+    """Bounds every element of ``tensor`` provably lies in (NaN aside)."""
+    node = producer(tensor)
+    if node is None or depth > MAX_RANGE_DEPTH:
+        value = const_value(tensor)
+        if value is not None and value.size and np.issubdtype(value.dtype, np.number):
+            return float(np.min(value)), float(np.max(value))
+        return UNBOUNDED
+    if node.op in FIXED_RANGE:
+        low, high = FIXED_RANGE[node.op]
+        if node.op == "Relu":
+            inner = value_range(node.inputs[0], depth + 1)
+            return max(0.0, inner[0]), max(0.0, inner[1])
+        return low, high
+    if node.op == "Clip":
+        bounds = clip_bounds(node)
+        if bounds is None:
+            return UNBOUNDED
+        inner = value_range(node.inputs[0], depth + 1)
+        return max(bounds[0], inner[0]), min(bounds[1], max(inner[1], bounds[0]))
+    if node.op in RANGE_PRESERVING and node.inputs:
+        return value_range(node.inputs[0], depth + 1)
+    if node.op in ("Concat", "Max", "Min") and node.inputs:
+        ranges = [value_range(t, depth + 1) for t in node.inputs]
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
+    return UNBOUNDED
+
+
+def _shape_kept(ctx: FoldContext, x: gs.Tensor, value: np.ndarray) -> bool:
+    """True when broadcasting ``value`` against x cannot change x's shape."""
+    if value.size == 1 and value.ndim <= 1:
+        return True
+    shape = ctx.static_shape(x)
+    if shape is None or value.ndim > len(shape):
+        return False
+    padded = (1,) * (len(shape) - value.ndim) + value.shape
+    return all(v == 1 or v == s for v, s in zip(padded, shape))
+
+
+def identity_reason(ctx: FoldContext, node: gs.Node, x_index: int = 0) -> str | None:
+    """Why ``node`` is not an exact identity of its input ``x_index`` (None if it is)."""
+    op = node.op
+    if op == "PRelu":
+        slope = const_value(node.inputs[1])
+        if slope is None:
+            return "PRelu slope is not constant"
+        if not np.all(slope == 1):
+            return f"PRelu slopes are not all 1 (min {float(np.min(slope)):.4g}); --snap-slope approximates"
+        return None if _shape_kept(ctx, node.inputs[0], slope) else "PRelu slope broadcasts its input larger"
+    if op == "LeakyRelu":
+        alpha = node.attrs.get("alpha", 0.01)
+        return None if alpha == 1 else f"LeakyRelu alpha is {alpha:.4g}, not 1"
+    if op == "Relu":
+        low = value_range(node.inputs[0])[0]
+        return None if low >= 0 else "Relu input can be negative"
+    if op == "Clip":
+        bounds = clip_bounds(node)
+        if bounds is None:
+            return "Clip bounds are not constant"
+        low, high = value_range(node.inputs[0])
+        if bounds[0] <= low and high <= bounds[1]:
+            return None
+        return f"Clip bounds [{bounds[0]:.4g}, {bounds[1]:.4g}] can bind on input range [{low:.4g}, {high:.4g}]"
+    return _arithmetic_reason(ctx, node, x_index)
+
+
+def _arithmetic_reason(ctx: FoldContext, node: gs.Node, x_index: int) -> str | None:
+    neutral = {"Mul": 1, "Div": 1, "Add": 0, "Sub": 0}[node.op]
+    value = const_value(node.inputs[1 - x_index])
+    if value is None:
+        return f"{node.op} operand is not constant"
+    if not np.all(value == neutral):
+        return f"{node.op} constant is not all {neutral}"
+    x = node.inputs[x_index]
+    if x.dtype is not None and value.dtype != x.dtype:
+        return f"{node.op} constant has another dtype than its input"
+    return None if _shape_kept(ctx, x, value) else f"{node.op} constant broadcasts its input to a larger shape"
+
+
+class RemoveIdentityActivations(Pass):
+    name = "remove-identity-activations"
+    summary = "remove PRelu/LeakyRelu with slope 1, Relu/Clip that cannot bind, x*1, x+0, x-0, x/1"
+
+    OPS = ("PRelu", "LeakyRelu", "Relu", "Clip", "Mul", "Div", "Add", "Sub")
+
+    def match(self, ctx: FoldContext):
+        # Only real candidates, so ``inspect`` lists declines worth reading: every PRelu and
+        # LeakyRelu, a Relu/Clip whose input has a known range, arithmetic with a neutral constant.
+        for node in ctx.graph.nodes:
+            if node.op not in self.OPS or not node.inputs or len(node.outputs) != 1:
+                continue
+            if node.op in ("PRelu", "LeakyRelu"):
+                yield Match((node,), {"x": 0})
+            elif node.op in ("Relu", "Clip"):
+                if value_range(node.inputs[0]) != UNBOUNDED:
+                    yield Match((node,), {"x": 0})
+            elif len(node.inputs) == 2:
+                sides = (0, 1) if node.op in ("Mul", "Add") else (0,)
+                for x_index in sides:
+                    value = const_value(node.inputs[1 - x_index])
+                    if value is not None and np.all(value == (1 if node.op in ("Mul", "Div") else 0)):
+                        yield Match((node,), {"x": x_index})
+                        break
+
+    def check(self, ctx: FoldContext, match: Match) -> Decision:
+        node, x_index = match.anchor, match.data["x"]
+        reason = identity_reason(ctx, node, x_index) or \
+            bypass_reason(node, node.inputs[x_index], node.outputs[0], ctx.graph_outputs)
+        return Reject(reason) if reason else Exact()
+
+    def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
+        node = match.anchor
+        bypass(node, node.inputs[match.data["x"]], node.outputs[0], ctx.graph_outputs)
+        return Change([node], [], f"removed identity {node.op} {node.name!r}")
+

@@ -1,0 +1,245 @@
+"""Merge parallel branches into one Conv; drop residual branches that are identically zero.
+
+``sum_i conv_i(x) = conv(x)`` with the kernels zero-padded to the largest, centred where
+their taps fall, and summed with their biases (RepVGG, ACNet, DBB); an identity branch is
+the conv with a 1 at each channel's centre tap (``x + conv(x)`` folds the skip into the
+kernel), and a BatchNormalization applied directly to x is a depthwise 1x1 conv. Exact
+everywhere when the branches' strides are equal and their pads line up.
+
+``x + F = x`` when F is produced by a layer whose weights and bias are all zero (a branch
+whose last BatchNorm has gamma = beta = 0, once folded): exact for finite activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphfold import cost, kernels
+from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
+from graphfold.graph import bypass, bypass_reason, const_value, conv_params, detach, float_const, make_const, \
+    make_conv, make_var, producer, sole_consumer
+from graphfold.passes.conv_chain import conv_reason
+
+SUM_OPS = ("Add", "Sum")
+
+
+@dataclass
+class Term:
+    """One summand: the node computing it (None for the identity), its input, its conv form."""
+
+    node: gs.Node | None
+    source: gs.Tensor
+    params: kernels.ConvParams | None = None
+
+
+def _term(ctx: FoldContext, tensor: gs.Tensor, owner: gs.Node) -> Term:
+    node = producer(tensor)
+    single = sole_consumer(tensor, ctx.graph_outputs) is owner
+    if node is not None and single and node.op in ("Conv", "BatchNormalization") and node.inputs:
+        return Term(node, node.inputs[0])
+    return Term(None, tensor)
+
+
+def _flatten_sum(ctx: FoldContext, node: gs.Node) -> tuple[list[gs.Node], list[tuple[gs.Tensor, gs.Node]]]:
+    """The Add/Sum nodes of a nested sum rooted at ``node`` (inner sums used only there) and its
+    summands, each with the sum node that reads it."""
+    sums, terms, stack = [node], [], [(t, node) for t in node.inputs]
+    while stack:
+        tensor, owner = stack.pop(0)
+        inner = producer(tensor)
+        if inner is not None and inner.op in SUM_OPS and len(inner.outputs) == 1 and \
+                sole_consumer(tensor, ctx.graph_outputs) is owner:
+            sums.append(inner)
+            stack.extend((t, inner) for t in inner.inputs)
+        else:
+            terms.append((tensor, owner))
+    return sums, terms
+
+
+def _bn_as_conv(node: gs.Node, rank: int) -> kernels.ConvParams | None:
+    """A BatchNormalization on x as the depthwise 1x1 conv it equals, or None."""
+    params = [float_const(t) for t in node.inputs[1:5]]
+    if len(params) != 4 or any(p is None for p in params) or node.attrs.get("training_mode", 0):
+        return None
+    if any(t.outputs for t in node.outputs[1:]):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    scale, shift = kernels.bn_scale_shift(gamma, beta, mean, var, float(node.attrs.get("epsilon", 1e-5)))
+    dtype = params[0].dtype
+    weight = scale.reshape(-1, 1, *[1] * rank).astype(dtype)
+    return kernels.ConvParams.create(weight, shift.astype(dtype), group=len(scale))
+
+
+class MergeParallelBranches(Pass):
+    name = "merge-parallel-branches"
+    summary = "sum parallel Conv/BN/identity branches over one input into a single Conv (RepVGG, skips)"
+
+    def match(self, ctx: FoldContext):
+        for node in ctx.graph.nodes:
+            if node.op not in SUM_OPS or len(node.inputs) < 2 or len(node.outputs) != 1:
+                continue
+            sums, tensors = _flatten_sum(ctx, node)
+            terms = [_term(ctx, t, owner) for t, owner in tensors if const_value(t) is None]
+            constants = [const_value(t) for t, _ in tensors if const_value(t) is not None]
+            # Two summands at least: one conv plus constants is fold-affine's business.
+            if len(terms) >= 2 and any(t.node is not None and t.node.op == "Conv" for t in terms):
+                yield Match(tuple(sums) + tuple(t.node for t in terms if t.node is not None),
+                            {"terms": terms, "constants": constants, "sums": sums})
+
+    def check(self, ctx: FoldContext, match: Match) -> Decision:
+        terms: list[Term] = match.data["terms"]
+        if len({id(t.source) for t in terms}) != 1:
+            return Reject("branches read different tensors (a residual branch that is not one linear conv)")
+        convs = [t for t in terms if t.node is not None and t.node.op == "Conv"]
+        for t in convs:
+            reason = conv_reason(ctx, t.node)
+            if reason:
+                return Reject(reason)
+        spatial = _spatial(ctx, terms[0].source)
+        for t in convs:
+            t.params = conv_params(t.node, spatial)
+        rank = convs[0].params.rank
+        for t in terms:
+            if t.node is not None and t.node.op == "BatchNormalization":
+                t.params = _bn_as_conv(t.node, rank)
+                if t.params is None:
+                    return Reject("a BatchNormalization branch is not in inference mode with constant parameters")
+            elif t.node is None:
+                groups = {c.params.group for c in convs}
+                group = groups.pop() if len(groups) == 1 else 1
+                channels = convs[0].params.out_channels
+                if channels % group:
+                    group = 1
+                t.params = kernels.identity_params(channels, (1,) * rank, convs[0].params.weight.dtype, group)
+        if len({t.params.weight.dtype for t in terms}) != 1:
+            return Reject("branches have different weight dtypes")
+        try:
+            merged = kernels.merge_parallel([t.params for t in terms])
+        except kernels.NotMergeable as exc:
+            return Reject(str(exc))
+        offset = self._constant_offset(ctx, match, merged)
+        if isinstance(offset, str):
+            return Reject(offset)
+        if offset is not None and offset.ndim == 1:
+            # A per-channel constant is just more bias.
+            merged = kernels.ConvParams(merged.weight, (merged.bias + offset).astype(merged.bias.dtype),
+                                        merged.strides, merged.dilations, merged.pads, merged.group)
+            offset = None
+        match.data["merged"], match.data["offset"] = merged, offset
+        shape = ctx.concrete_shape(terms[0].source)
+        out_shape = ctx.concrete_shape(match.anchor.outputs[0])
+        # A constant-map Add (say a border correction) is there before and after; it cannot fuse.
+        map_add = cost.elementwise_cost(out_shape, unfusable=True) if offset is not None else 0.0
+        before = sum(cost.conv_cost(t.params, shape) for t in terms if t.node is not None) + map_add
+        before += (len(match.data["sums"]) - (offset is not None)) * cost.elementwise_cost(out_shape)
+        after = cost.conv_cost(merged, shape) + map_add
+        if not ctx.options.fold_all and not cost.pays(before, after):
+            return Reject(f"merging does not pay ({cost.ratio_text(before, after)}); --fold-all merges anyway")
+        return Exact()
+
+    @staticmethod
+    def _constant_offset(ctx: FoldContext, match: Match, merged: kernels.ConvParams) -> np.ndarray | str | None:
+        """The summed constant terms: a [M] vector, a map that keeps the output shape, or a reason."""
+        constants = match.data["constants"]
+        if not constants:
+            return None
+        out_shape = ctx.static_shape(match.anchor.outputs[0])
+        try:
+            total = sum(np.asarray(c, np.float64) for c in constants)
+        except ValueError:
+            return "constant terms do not broadcast together"
+        if any(c.dtype != merged.weight.dtype for c in constants):
+            return "constant terms have another dtype than the weights"
+        rank = merged.rank + 2
+        if total.ndim <= rank and all(d == 1 for i, d in enumerate((1,) * (rank - total.ndim) + total.shape) if i != 1):
+            padded = total.reshape((1,) * (rank - total.ndim) + total.shape)
+            return np.broadcast_to(padded.reshape(-1), (merged.out_channels,)).copy() \
+                if padded.shape[1] in (1, merged.out_channels) else "constant term does not match the channels"
+        if out_shape is None or any(d is None for d in out_shape[1:]) or total.ndim > len(out_shape):
+            return "a constant map is added and the output's static shape is unknown"
+        if np.broadcast_shapes(tuple(d or 1 for d in out_shape), total.shape) != tuple(d or 1 for d in out_shape):
+            return "a constant term broadcasts the sum to a larger shape"
+        return total
+
+    def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
+        add = match.anchor
+        terms: list[Term] = match.data["terms"]
+        merged: kernels.ConvParams = match.data["merged"]
+        offset = match.data["offset"]
+        x, out = terms[0].source, add.outputs[0]
+        removed = list(match.data["sums"]) + [t.node for t in terms if t.node is not None]
+        detach(removed)
+        dtype = merged.weight.dtype
+        target = out
+        if offset is not None:
+            target = make_var(ctx.scope, f"{add.name}.merged", like=out)
+            ctx.copy_shape(target, out)
+        added = [make_conv(ctx.scope, f"{add.name}_merged", x, target, merged, dtype)]
+        if offset is not None:
+            offset_const = make_const(ctx.scope, f"{add.name}.offset", offset.astype(dtype))
+            added.append(gs.Node("Add", ctx.scope.make(f"{add.name}_offset"), inputs=[target, offset_const],
+                                 outputs=[out]))
+        ctx.graph.nodes.extend(added)
+        kinds = ", ".join("identity" if t.node is None else t.node.op for t in terms)
+        size = "x".join(map(str, merged.kernel_shape))
+        extra = " + constant Add" if offset is not None else ""
+        return Change(removed, added, f"{len(terms)} branches ({kinds}) -> one {size} conv{extra}")
+
+
+def _spatial(ctx: FoldContext, tensor: gs.Tensor) -> tuple | None:
+    shape = ctx.static_shape(tensor)
+    return tuple(shape[2:]) if shape is not None and len(shape) > 2 else None
+
+
+def _is_zero_layer(node: gs.Node | None) -> bool:
+    if node is None or node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+        return False
+    weight = float_const(node.inputs[1])
+    if weight is None or np.any(weight):
+        return False
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = float_const(node.inputs[2])
+        return bias is not None and not np.any(bias)
+    return True
+
+
+class DropZeroBranches(Pass):
+    name = "drop-zero-branch"
+    summary = "drop residual branches whose last layer has all-zero weights and bias"
+
+    def match(self, ctx: FoldContext):
+        for node in ctx.graph.nodes:
+            if node.op in SUM_OPS and len(node.inputs) >= 2 and len(node.outputs) == 1:
+                zero = [i for i, t in enumerate(node.inputs) if _is_zero_layer(producer(t))]
+                if zero:
+                    yield Match((node,), {"zero": zero[0]})
+
+    def check(self, ctx: FoldContext, match: Match) -> Decision:
+        node, index = match.anchor, match.data["zero"]
+        others = [t for i, t in enumerate(node.inputs) if i != index]
+        out_shape = ctx.static_shape(node.outputs[0])
+        kept_shape = ctx.static_shape(others[0]) if len(others) == 1 else out_shape
+        if out_shape is None or kept_shape is None or len(out_shape) != len(kept_shape) or \
+                any(a != b for a, b in zip(out_shape, kept_shape)):
+            return Reject("cannot prove the zero branch does not broadcast the sum to a larger shape")
+        if len(others) == 1:
+            reason = bypass_reason(node, others[0], node.outputs[0], ctx.graph_outputs)
+            if reason:
+                return Reject(reason)
+        return Exact()
+
+    def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
+        node, index = match.anchor, match.data["zero"]
+        zero = node.inputs[index]
+        layer = producer(zero)
+        others = [t for i, t in enumerate(node.inputs) if i != index]
+        if len(others) == 1:
+            bypass(node, others[0], node.outputs[0], ctx.graph_outputs)
+            removed = [node]
+        else:
+            node.inputs.clear()
+            node.inputs.extend(others)
+            removed = []
+        return Change(removed, [], f"dropped zero branch {layer.op} {layer.name!r} from {node.op} {node.name!r}")
