@@ -88,10 +88,20 @@ def ensure_writable(path: str, input_path: str | None = None) -> None:
     if os.path.isdir(target):
         raise UsageError(f"{path}: is a directory; give an output file path")
     folder = os.path.dirname(target) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"{path}: {folder} is not a folder")
     if not os.path.isdir(folder):
         raise UsageError(f"{path}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+    if os.path.exists(target) and not os.access(target, os.W_OK):
         raise UsageError(f"{path}: permission denied")
+    # Permission bits do not tell (root passes every os.access test, read-only and virtual file
+    # systems refuse anyway): create a file there, which is what saving will do.
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write in {folder}: {exc.strerror or exc}") from None
 
 
 def save_model(model: onnx.ModelProto, path: str) -> None:
@@ -99,8 +109,9 @@ def save_model(model: onnx.ModelProto, path: str) -> None:
     target = os.path.abspath(path)
     folder = os.path.dirname(target)
     name = os.path.basename(target)
-    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
+    staging = None
     try:
+        staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
         staged = os.path.join(staging, name)
         data_name = _save(model, staged)
         if data_name is not None:
@@ -109,7 +120,8 @@ def save_model(model: onnx.ModelProto, path: str) -> None:
     except OSError as exc:
         raise UsageError(f"{path}: cannot write output: {exc.strerror or exc}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save(model: onnx.ModelProto, path: str) -> str | None:
