@@ -28,6 +28,9 @@ def parse_input_shape(spec: str) -> tuple[str, list[int]]:
     if not match:
         raise UsageError(f"bad --input-shape {spec!r}: expected NAME:d0,d1,... such as input:1,3,224,224")
     dims = [int(d) for d in re.split(r"[,x]", match.group("dims"))]
+    if 0 in dims:
+        # An empty input runs, but then there is nothing to compare or count.
+        raise UsageError(f"bad --input-shape {spec!r}: every dim must be at least 1")
     return match.group("name"), dims
 
 
@@ -40,9 +43,12 @@ def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
 def resolve_shape(vi: onnx.ValueInfoProto, input_shapes: ShapeMap | None = None,
                   batch: int | None = None) -> list[int]:
     """Concrete dims for one graph input."""
-    if input_shapes and vi.name in input_shapes:
-        return [int(d) for d in input_shapes[vi.name]]
     tensor_type = vi.type.tensor_type
+    if input_shapes and vi.name in input_shapes:
+        dims = [int(d) for d in input_shapes[vi.name]]
+        if tensor_type.HasField("shape"):
+            _check_given_shape(vi.name, dims, tensor_type.shape)
+        return dims
     if not tensor_type.HasField("shape"):
         raise UsageError(f"input {vi.name!r} has no shape; give it with --input-shape {vi.name}:d0,d1,...")
     dims = []
@@ -57,9 +63,29 @@ def resolve_shape(vi: onnx.ValueInfoProto, input_shapes: ShapeMap | None = None,
     return dims
 
 
+def _check_given_shape(name: str, dims: list[int], shape: onnx.TensorShapeProto) -> None:
+    """Refuse a user shape the model cannot run with, before onnxruntime does so at length."""
+    if len(dims) != len(shape.dim):
+        raise UsageError(f"--input-shape {name}: {len(dims)} dims given, but the input has rank {len(shape.dim)}")
+    for axis, (given, dim) in enumerate(zip(dims, shape.dim)):
+        if dim.HasField("dim_value") and dim.dim_value > 0 and given != dim.dim_value:
+            raise UsageError(f"--input-shape {name}: dim {axis} is {given}, but the model fixes it at "
+                             f"{dim.dim_value}")
+
+
+def check_names(model: onnx.ModelProto, input_shapes: ShapeMap | None) -> None:
+    """Refuse shapes for names that are not run-time inputs (a typo would be silently ignored)."""
+    names = [vi.name for vi in real_inputs(model.graph)]
+    unknown = sorted(set(input_shapes or {}) - set(names))
+    if unknown:
+        raise UsageError(f"--input-shape {unknown[0]}: the model has no input of that name "
+                         f"(inputs: {', '.join(names) or 'none'})")
+
+
 def resolve_shapes(model: onnx.ModelProto, input_shapes: ShapeMap | None = None,
                    batch: int | None = None) -> dict[str, list[int]]:
     """Concrete dims for every run-time input of ``model``."""
+    check_names(model, input_shapes)
     return {vi.name: resolve_shape(vi, input_shapes, batch) for vi in real_inputs(model.graph)}
 
 
@@ -80,6 +106,7 @@ def random_array(elem_type: int, shape: Sequence[int], rng: np.random.Generator)
 def make_inputs(model: onnx.ModelProto, input_shapes: ShapeMap | None = None, seed: int = 0,
                 batch: int | None = None) -> dict[str, np.ndarray]:
     """Seeded random feeds for every run-time input of ``model``."""
+    check_names(model, input_shapes)
     rng = np.random.default_rng(seed)
     feeds = {}
     for vi in real_inputs(model.graph):

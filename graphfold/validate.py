@@ -121,7 +121,8 @@ def compare_outputs(name: str, ref: object, out: object, rtol: float, atol: floa
     ref64, out64 = ref_arr.astype(np.float64), out_arr.astype(np.float64)
     # NaN and inf where the original has them, at the same places, count as equal.
     same_special = (np.isnan(ref64) & np.isnan(out64)) | ((ref64 == out64) & np.isinf(ref64))
-    diff = np.where(same_special, 0.0, np.abs(out64 - ref64))
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, which the next line counts as inf
+        diff = np.where(same_special, 0.0, np.abs(out64 - ref64))
     diff = np.where(np.isnan(diff), np.inf, diff)
     finite = ref64[np.isfinite(ref64)]
     scale = float(np.max(np.abs(finite))) if finite.size else 0.0
@@ -160,7 +161,13 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
         if progress:
             progress(f"validating {index}/{len(batches)}")
         used.append({k: list(np.shape(v)) for k, v in batch.items()})
-        ref_out = ref_runner.run(batch)
+        try:
+            ref_out = ref_runner.run(batch)
+        except Exception as exc:
+            # The original failing is the input's fault (or the given shapes'), not graphfold's.
+            shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in used[-1].items())
+            raise UsageError(f"onnxruntime cannot run the original model on inputs {shapes}: "
+                             f"{_first_line(exc)}") from None
         try:
             cand_out = cand_runner.run(batch)
         except Exception as exc:

@@ -1,0 +1,206 @@
+"""graphfold.validate and the inputs it feeds: errors per output, seeded feeds, shape resolution."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphfold.errors import UsageError
+from graphfold.inputs import DEFAULT_DIM, make_inputs, parse_input_shape, resolve_shapes
+from graphfold.validate import compare_models, compare_outputs, dtype_rtol
+from tests.util import make_model, model_from_text
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+
+def scaled_model(factor: float, shape=("N", 3), elem_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """y = x * factor."""
+    np_type = helper.tensor_dtype_to_np_dtype(elem_type)
+    return make_model([helper.make_node("Mul", ["x", "k"], ["y"])],
+                      [helper.make_tensor_value_info("x", elem_type, list(shape))],
+                      [helper.make_tensor_value_info("y", elem_type, list(shape))],
+                      [numpy_helper.from_array(np.array(factor, dtype=np_type), "k")])
+
+
+# --- one output pair --------------------------------------------------------------------------
+
+def test_equal_outputs_pass():
+    a = np.array([1.0, -2.0, 4.0], np.float32)
+    err = compare_outputs("y", a, a.copy(), rtol=1e-5, atol=0.0)
+    assert err.passed and err.max_abs == 0.0 and err.max_rel == 0.0 and err.scale == 4.0
+
+
+def test_error_is_relative_to_the_largest_reference_value():
+    ref = np.array([1.0, -2.0, 4.0])
+    out = ref + np.array([0.0, 4e-5, 0.0])
+    err = compare_outputs("y", ref, out, rtol=1e-5, atol=0.0)
+    assert err.max_abs == pytest.approx(4e-5, rel=1e-3)
+    assert err.max_rel == pytest.approx(1e-5, rel=1e-3)
+    assert compare_outputs("y", ref, out, rtol=2e-5, atol=0.0).passed
+    assert not compare_outputs("y", ref, out, rtol=5e-6, atol=0.0).passed
+
+
+@pytest.mark.filterwarnings("error")  # and no RuntimeWarning reaches the user
+def test_nan_and_inf_in_the_same_places_count_as_equal():
+    ref = np.array([np.nan, np.inf, -np.inf, 1.0], np.float32)
+    assert compare_outputs("y", ref, ref.copy(), 1e-5, 0.0).passed
+    moved = np.array([1.0, np.inf, -np.inf, np.nan], np.float32)
+    err = compare_outputs("y", ref, moved, 1e-5, 0.0)
+    assert not err.passed and err.max_abs == np.inf
+
+
+def test_shape_and_dtype_mismatches_fail():
+    ref = np.zeros((2, 3), np.float32)
+    assert "shape" in compare_outputs("y", ref, np.zeros((3, 2), np.float32), 1e-5, 0.0).note
+    assert "dtype" in compare_outputs("y", ref, np.zeros((2, 3), np.float64), 1e-5, 0.0).note
+    assert not compare_outputs("y", ref, np.zeros((3, 2), np.float32), 1e-5, 0.0).passed
+
+
+def test_integer_outputs_must_match_exactly():
+    ref = np.array([1, 2, 3], np.int64)
+    assert compare_outputs("i", ref, ref.copy(), 1.0, 1.0).passed
+    err = compare_outputs("i", ref, np.array([1, 2, 4], np.int64), 1.0, 1.0)
+    assert not err.passed and "1 of 3 elements differ" in err.note
+
+
+def test_empty_outputs_pass():
+    assert compare_outputs("y", np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), 1e-5, 0.0).passed
+
+
+def test_float16_outputs_get_a_looser_tolerance():
+    assert dtype_rtol(scaled_model(2.0, elem_type=TensorProto.FLOAT16), 1e-4) == 1e-2
+    assert dtype_rtol(scaled_model(2.0), 1e-4) == 1e-4
+
+
+# --- two models -------------------------------------------------------------------------------
+
+def test_identical_models_pass_with_every_seed_recorded():
+    result = compare_models(scaled_model(2.0), scaled_model(2.0), seeds=(0, 1, 2))
+    assert result.passed and result.max_abs == 0.0 and result.source == "random"
+    # The symbolic batch runs at 1, and at 2 for the last seed.
+    assert result.inputs == [{"x": [1, 3]}, {"x": [1, 3]}, {"x": [2, 3]}]
+    assert [o.name for o in result.outputs] == ["y"]
+    assert "passed" in result.summary()
+
+
+def test_different_models_fail_with_the_worst_output_named():
+    result = compare_models(scaled_model(2.0), scaled_model(2.001), rtol=1e-4)
+    assert not result.passed
+    assert result.max_rel == pytest.approx(5e-4, rel=1e-2)
+    assert "FAILED" in result.summary() and "'y'" in result.summary()
+    as_dict = result.to_dict()
+    assert {"passed", "outputs", "inputs", "max_abs", "max_rel"} <= set(as_dict)
+
+
+def test_calibration_feeds_replace_random_ones():
+    feeds = [{"x": np.ones((4, 3), np.float32)}]
+    result = compare_models(scaled_model(2.0), scaled_model(2.0), feeds=feeds)
+    assert result.passed and result.source == "calibration" and result.inputs == [{"x": [4, 3]}]
+
+
+def test_a_missing_output_fails():
+    two = model_from_text(HEADER + 'g (float[2] x) => (float[2] y, float[2] z) { y = Relu(x)\n z = Neg(x) }')
+    one = model_from_text(HEADER + 'g (float[2] x) => (float[2] y) { y = Relu(x) }')
+    result = compare_models(two, one)
+    assert not result.passed and [o.name for o in result.outputs] == ["z"]
+
+
+def test_a_candidate_that_fails_at_run_time_fails_validation():
+    reference = model_from_text(HEADER + 'g (float[N] x) => (float[N] y) { y = Relu(x) }')
+    # Same interface, but a Reshape only batch 1 satisfies.
+    candidate = model_from_text(HEADER + '''g (float[N] x) => (float[N] y) <int64[1] s = {1}> {
+        r = Reshape(x, s)
+        y = Relu(r)
+    }''')
+    result = compare_models(reference, candidate, input_shapes={"x": [3]})
+    assert not result.passed and "failed to run" in result.outputs[0].note
+
+
+def test_an_original_that_cannot_run_is_a_usage_error():
+    model = model_from_text(HEADER + '''g (float[N] x) => (float[2] y) <int64[1] s = {2}> {
+        y = Reshape(x, s)
+    }''')
+    with pytest.raises(UsageError, match="cannot run the original model on inputs x:1") as info:
+        compare_models(model, model)
+    assert "\n" not in str(info.value)
+
+
+def test_an_original_onnxruntime_cannot_load_is_a_usage_error():
+    model = model_from_text('<ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>\n'
+                            'g (float[2] x) => (float[2] y) { y = com.example.Mystery(x) }')
+    with pytest.raises(UsageError, match="onnxruntime cannot run the original model"):
+        compare_models(model, model)
+
+
+# --- input shapes and seeded feeds ------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,expected", [
+    ("input:1,3,224,224", ("input", [1, 3, 224, 224])),
+    ("input:1x3x8x8", ("input", [1, 3, 8, 8])),
+    ("a:b:2,3", ("a:b", [2, 3])),  # names may hold colons; the dims follow the last one
+])
+def test_parse_input_shape(spec, expected):
+    assert parse_input_shape(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["input", "input:", "input:1,,3", "input:-1,3", ":1,3", "input:1,0,3"])
+def test_parse_input_shape_refuses(spec):
+    with pytest.raises(UsageError, match="bad --input-shape"):
+        parse_input_shape(spec)
+
+
+def image_model() -> onnx.ModelProto:
+    return model_from_text(HEADER + 'g (float[N, 3, H, 8] x) => (float[N, 3, H, 8] y) { y = Relu(x) }')
+
+
+def test_resolve_symbolic_dims():
+    assert resolve_shapes(image_model()) == {"x": [1, 3, DEFAULT_DIM, 8]}
+    assert resolve_shapes(image_model(), batch=4) == {"x": [4, 3, DEFAULT_DIM, 8]}
+    assert resolve_shapes(image_model(), {"x": [2, 3, 5, 8]}) == {"x": [2, 3, 5, 8]}
+
+
+@pytest.mark.parametrize("shapes,message", [
+    ({"x": [1, 3, 8]}, "3 dims given, but the input has rank 4"),
+    ({"x": [1, 4, 8, 8]}, "dim 1 is 4, but the model fixes it at 3"),
+    ({"image": [1, 3, 8, 8]}, "the model has no input of that name (inputs: x)"),
+])
+def test_resolve_refuses_shapes_the_model_cannot_take(shapes, message):
+    with pytest.raises(UsageError) as info:
+        resolve_shapes(image_model(), shapes)
+    assert message in str(info.value)
+    with pytest.raises(UsageError):
+        make_inputs(image_model(), shapes)
+
+
+def test_input_without_a_shape_needs_one():
+    model = image_model()
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    with pytest.raises(UsageError, match="has no shape"):
+        resolve_shapes(model)
+    assert resolve_shapes(model, {"x": [1, 2]}) == {"x": [1, 2]}
+
+
+def test_feeds_are_seeded_and_typed():
+    model = make_model([helper.make_node("Identity", ["f"], ["f2"]), helper.make_node("Identity", ["i"], ["i2"]),
+                        helper.make_node("Identity", ["b"], ["b2"])],
+                       [helper.make_tensor_value_info("f", TensorProto.FLOAT16, [2, 3]),
+                        helper.make_tensor_value_info("i", TensorProto.INT64, [4]),
+                        helper.make_tensor_value_info("b", TensorProto.BOOL, [5])],
+                       [helper.make_tensor_value_info(n, t, s) for n, t, s in
+                        (("f2", TensorProto.FLOAT16, [2, 3]), ("i2", TensorProto.INT64, [4]),
+                         ("b2", TensorProto.BOOL, [5]))])
+    feeds = make_inputs(model, seed=3)
+    assert feeds["f"].dtype == np.float16 and feeds["f"].shape == (2, 3)
+    assert feeds["i"].dtype == np.int64 and set(feeds["i"].tolist()) <= {0, 1, 2}
+    assert feeds["b"].dtype == np.bool_
+    again = make_inputs(model, seed=3)
+    assert all(np.array_equal(feeds[k], again[k]) for k in feeds)
+    assert not np.array_equal(make_inputs(model, seed=4)["f"], feeds["f"])
+
+
+def test_initializers_listed_as_inputs_are_not_fed():
+    # Older exporters list every initializer among the graph inputs.
+    model = scaled_model(2.0)
+    model.graph.input.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, []))
+    assert set(make_inputs(model)) == {"x"}
