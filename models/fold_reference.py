@@ -12,6 +12,7 @@ running statistics, so folding them is a real test:
   the first conv (pad 2, then pad 0), so ``x + conv(conv(x))`` folds into one 5x5.
 - ``unit_slope``: a VGG-style stack whose PRelu/LeakyRelu slopes are exactly 1.
 
+``repvgg_small`` is the sample bundled as models/repvgg_small.onnx (``python -m models.fold_reference``).
 ``export(name, path)`` writes one as ONNX (opset 17, dynamic batch, BatchNorm unfolded).
 """
 from __future__ import annotations
@@ -61,15 +62,20 @@ class Classifier(nn.Module):
         return self.fc(self.body(x).mean((2, 3)))
 
 
-def repvgg() -> nn.Module:
-    """RepVGG-A0 layout at half width: stages of 1, 2, 4, 14, 1 blocks."""
-    widths, depths = (24, 48, 96, 192, 640), (1, 2, 4, 14, 1)
+def repvgg(widths: tuple[int, ...] = (24, 48, 96, 192, 640), depths: tuple[int, ...] = (1, 2, 4, 14, 1),
+           classes: int = 1000) -> nn.Module:
+    """RepVGG-A0 layout (stages of 1, 2, 4, 14, 1 blocks) at half width by default."""
     layers, cin = [], 3
     for width, depth in zip(widths, depths):
         for i in range(depth):
             layers.append(RepVGGBlock(cin, width, 2 if i == 0 else 1))
             cin = width
-    return Classifier(nn.Sequential(*layers), cin)
+    return Classifier(nn.Sequential(*layers), cin, classes)
+
+
+def repvgg_small() -> nn.Module:
+    """The bundled sample: a small RepVGG for 32x32 inputs and 10 classes."""
+    return repvgg(widths=(16, 32, 64), depths=(1, 3, 3), classes=10)
 
 
 class InvertedResidual(nn.Module):
@@ -149,6 +155,7 @@ def unit_slope() -> nn.Module:
 
 BUILDERS = {
     "repvgg": repvgg,
+    "repvgg_small": repvgg_small,
     "mobilenetv2_linear": mobilenetv2_linear,
     "mobilenetv2_relocated": mobilenetv2_relocated,
     "resnet_relocated": resnet_relocated,
@@ -168,3 +175,9 @@ def export(name: str, path: str, image: int = IMAGE, seed: int = 0) -> None:
                       training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
                       input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
+if __name__ == "__main__":
+    import os
+
+    export("repvgg_small", os.path.join(os.path.dirname(os.path.abspath(__file__)), "repvgg_small.onnx"), image=32)
