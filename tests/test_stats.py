@@ -1,0 +1,120 @@
+"""graphfold.stats: node, conv, depth, parameter and MAC counts on graphs small enough to count by hand."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphfold.shapes import infer_concrete, infer_static
+from graphfold.stats import depth, model_stats, node_macs, parameter_count
+from tests.util import make_model
+
+SAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "models", "resnet_bn.onnx")
+
+
+def weight(name: str, shape) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ones(shape, np.float32), name)
+
+
+def vi(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def residual_model(batch="N") -> onnx.ModelProto:
+    """x -> conv1 -> relu -> conv2 -> (+ x) -> y: depth 2, with a 1-deep skip beside it."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["c2"], pads=[1, 1, 1, 1], group=2, name="conv2"),
+             helper.make_node("Add", ["c2", "x"], ["y"])]
+    return make_model(nodes, [vi("x", [batch, 4, 6, 6])], [vi("y", [batch, 4, 6, 6])],
+                      [weight("w1", [4, 4, 3, 3]), weight("b1", [4]), weight("w2", [4, 2, 3, 3])])
+
+
+def stats(model: onnx.ModelProto, shapes=None) -> dict:
+    return model_stats(model, infer_concrete(model, shapes))
+
+
+def test_residual_block_counts():
+    # conv1: 4*6*6 outputs x 4*3*3 MACs; conv2 (2 groups): 4*6*6 x 2*3*3.
+    assert stats(residual_model()) == {
+        "nodes": 4, "convs": 2, "depth": 2,
+        "params": 4 * 4 * 9 + 4 + 4 * 2 * 9,
+        "macs": 144 * 36 + 144 * 18,
+    }
+
+
+def test_macs_scale_with_the_given_batch():
+    assert stats(residual_model(), {"x": [3, 4, 6, 6]})["macs"] == 3 * (144 * 36 + 144 * 18)
+
+
+def test_macs_unknown_when_a_layer_shape_is_unknown():
+    # Without concrete shapes the symbolic batch leaves the convs' output size open.
+    assert model_stats(residual_model(), infer_static(residual_model()))["macs"] is None
+    assert model_stats(residual_model(batch=2), infer_static(residual_model(batch=2)))["macs"] == \
+        2 * (144 * 36 + 144 * 18)
+
+
+def test_depth_ignores_node_order():
+    model = residual_model()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    assert depth(model.graph) == 2
+
+
+def test_depth_is_the_longest_chain_of_layers():
+    # Two parallel paths of 3 and 1 layers joined, then one more: depth 4.
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a1"]), helper.make_node("MatMul", ["a1", "w"], ["a2"]),
+             helper.make_node("Relu", ["a2"], ["a3"]), helper.make_node("Gemm", ["a3", "w"], ["a4"]),
+             helper.make_node("MatMul", ["x", "w"], ["b1"]),
+             helper.make_node("Add", ["a4", "b1"], ["s"]), helper.make_node("MatMul", ["s", "w"], ["y"])]
+    model = make_model(nodes, [vi("x", [2, 2])], [vi("y", [2, 2])], [weight("w", [2, 2])])
+    assert depth(model.graph) == 4
+    assert stats(model)["macs"] == 5 * 2 * 2 * 2
+
+
+def test_depth_of_a_long_chain_does_not_recurse():
+    nodes = [helper.make_node("MatMul", [f"t{i}", "w"], [f"t{i + 1}"]) for i in range(3000)]
+    model = make_model(nodes, [vi("t0", [2, 2])], [vi("t3000", [2, 2])], [weight("w", [2, 2])])
+    assert depth(model.graph) == 3000
+
+
+def test_params_count_constant_nodes_and_subgraphs():
+    then_graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["t"], value=numpy_helper.from_array(np.ones(5, np.float32)))],
+        "then", [], [vi("t", [5])])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["k"], ["e"])], "else", [], [vi("e", [5])])
+    nodes = [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(5, np.float32))),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)]
+    model = make_model(nodes, [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])], [vi("y", [5])],
+                       [weight("unused", [2, 3])])
+    assert parameter_count(model.graph) == 6 + 5 + 5
+    counted = stats(model)
+    assert counted["nodes"] == 4  # Constant, If, and one node in each branch
+    assert counted["convs"] == 0 and counted["depth"] == 0 and counted["macs"] == 0
+
+
+def test_layer_macs():
+    shapes = {"x": (2, 5), "w": (5, 3), "y": (2, 3), "xt": (5, 2), "img": (1, 4, 3, 3), "wt": (4, 2, 3, 3),
+              "up": (1, 2, 5, 5), "a": (2, 7, 5), "m": (2, 7, 3)}
+    gemm = helper.make_node("Gemm", ["x", "w"], ["y"])
+    gemm_t = helper.make_node("Gemm", ["xt", "w"], ["y"], transA=1)
+    conv_t = helper.make_node("ConvTranspose", ["img", "wt"], ["up"])
+    matmul = helper.make_node("MatMul", ["a", "w"], ["m"])
+    assert node_macs(gemm, shapes) == 2 * 3 * 5
+    assert node_macs(gemm_t, shapes) == 2 * 3 * 5
+    assert node_macs(conv_t, shapes) == 4 * 3 * 3 * 2 * 3 * 3  # every input element feeds Cout/g*k*k
+    assert node_macs(matmul, shapes) == 2 * 7 * 3 * 5
+    assert node_macs(helper.make_node("Relu", ["x"], ["r"]), shapes) == 0
+    assert node_macs(helper.make_node("MatMul", ["x", "unknown"], ["z"]), shapes) is None
+
+
+def test_sample_resnet():
+    model = onnx.load(SAMPLE)
+    counted = stats(model)
+    # Depth: the stem, two convs in each block (the projection runs beside them) and the Gemm head.
+    assert counted["convs"] == 6 and counted["depth"] == 1 + 2 + 2 + 1
+    assert counted["params"] == 20282
+    assert counted["macs"] == 8831296
