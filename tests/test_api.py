@@ -1,0 +1,159 @@
+"""The Python API: fold(model_or_path) -> (ModelProto, Report), inspect, check."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import graphfold
+from graphfold import kernels
+from graphfold.errors import UsageError, ValidationError
+from tests.util import assert_same_outputs, op_types
+
+SAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "models", "resnet_bn.onnx")
+
+
+@pytest.fixture(scope="module")
+def sample() -> onnx.ModelProto:
+    return onnx.load(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def folded_sample(sample):
+    return graphfold.fold(sample, rtol=1e-5)
+
+
+def corrupt_batchnorm_folds(monkeypatch) -> None:
+    """Make fold-batchnorm compute wrong weights, as a bug in the algebra would."""
+    right = kernels.bn_scale_shift
+    monkeypatch.setattr(kernels, "bn_scale_shift", lambda *args: (right(*args)[0] * 1.5, right(*args)[1]))
+
+
+# --- the ResNet exported from PyTorch ---------------------------------------------------------
+
+def test_resnet_batchnorm_is_gone_and_outputs_match(sample, folded_sample):
+    folded, report = folded_sample
+    assert "BatchNormalization" in op_types(sample)
+    assert "BatchNormalization" not in op_types(folded)
+    assert report.counts()["fold-batchnorm"] == 6
+    assert report.validation.passed and report.validation.max_rel <= 1e-5
+    assert_same_outputs(sample, folded, rtol=1e-5, shapes={"input": [3, 3, 32, 32]})
+
+
+def test_resnet_keeps_its_interface(sample, folded_sample):
+    folded, _ = folded_sample
+    assert folded.graph.input == sample.graph.input  # names, types, the symbolic batch
+    assert [o.name for o in folded.graph.output] == ["logits"]
+    assert folded.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert folded.opset_import == sample.opset_import and folded.ir_version == sample.ir_version
+    assert folded.producer_name == sample.producer_name
+    onnx.checker.check_model(folded, full_check=True)
+
+
+def test_resnet_report(sample, folded_sample):
+    _, report = folded_sample
+    data = json.loads(report.to_json())
+    for side in ("before", "after"):
+        assert set(data[side]) == {"nodes", "convs", "depth", "params", "macs"}
+    assert data["before"]["nodes"] > data["after"]["nodes"]
+    assert data["before"]["params"] > data["after"]["params"]
+    assert data["before"]["macs"] == data["after"]["macs"] == 8831296
+    for rewrite in data["rewrites"]:
+        assert {"pass_name", "nodes_removed", "nodes_added", "exact", "error_bound"} <= set(rewrite)
+        assert rewrite["exact"] is True and rewrite["error_bound"] is None
+    assert {"passed", "max_abs", "max_rel", "inputs"} <= set(data["validation"])
+    assert data["validation"]["passed"] is True and data["validation"]["max_rel"] <= 1e-5
+    assert data["input_shapes"] == {"input": [1, 3, 32, 32]}
+
+
+def test_fold_from_a_path_equals_fold_from_a_model(sample, folded_sample):
+    from_path, report = graphfold.fold(SAMPLE, check=False)
+    assert from_path == folded_sample[0]
+    assert report.validation is None
+
+
+def test_fold_never_modifies_its_input(sample):
+    before = sample.SerializeToString()
+    graphfold.fold(sample, check=False)
+    assert sample.SerializeToString() == before
+
+
+def test_fold_with_nothing_to_do_returns_a_copy(folded_sample):
+    folded = folded_sample[0]
+    again, report = graphfold.fold(folded, passes=["fold-batchnorm", "fold-affine"])
+    assert report.rewrites == [] and again == folded and again is not folded
+    assert report.before == report.after
+
+
+def test_input_shapes_reach_the_report_and_validation(sample):
+    _, report = graphfold.fold(sample, passes=["fold-batchnorm"], input_shapes={"input": [2, 3, 32, 32]},
+                               seeds=(0,))
+    assert report.input_shapes == {"input": [2, 3, 32, 32]}
+    assert report.before["macs"] == 2 * 8831296
+    assert report.validation.inputs == [{"input": [2, 3, 32, 32]}]
+
+
+def test_pass_selection(sample):
+    kept, report = graphfold.fold(sample, skip_passes=["fold-batchnorm"], check=False)
+    assert "fold-batchnorm" not in report.counts()
+    assert op_types(kept).count("BatchNormalization") == 6
+    _, report = graphfold.fold(sample, passes=["fold-batchnorm"], check=False)
+    assert set(report.counts()) == {"fold-batchnorm"}
+    with pytest.raises(UsageError, match="unknown pass 'fold-everything'"):
+        graphfold.fold(sample, passes=["fold-everything"])
+
+
+def test_progress_is_reported(sample):
+    seen = []
+    graphfold.fold(sample, passes=["fold-batchnorm"], seeds=(0,), progress=seen.append)
+    assert any("fold-batchnorm" in text for text in seen) and any("validating" in text for text in seen)
+
+
+def test_a_wrong_fold_raises_validation_error_with_the_report(sample, monkeypatch):
+    corrupt_batchnorm_folds(monkeypatch)
+    with pytest.raises(ValidationError) as info:
+        graphfold.fold(sample)
+    report = info.value.report
+    assert isinstance(report, graphfold.Report) and report.validation is not None
+    assert not report.validation.passed and report.validation.max_rel > 1e-3
+    assert info.value.exit_code == 1
+
+
+def test_unreadable_path_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        graphfold.fold(str(tmp_path / "absent.onnx"))
+
+
+# --- inspect and check ------------------------------------------------------------------------
+
+def test_inspect_lists_rewrites_and_declines(sample):
+    report = graphfold.inspect(sample, passes=["fold-batchnorm", "fold-affine"])
+    assert report.validation is None
+    assert report.counts() == {"fold-batchnorm": 6}
+    # The Gemm head's output feeds nothing foldable, the Adds have two layer inputs: nothing declined.
+    assert report.declines == []
+
+
+def test_inspect_shows_why(sample):
+    model = onnx.load(SAMPLE)
+    # Make the stem's BN statistics a run-time input: that BN can no longer fold.
+    mean = next(n for n in model.graph.node if n.op_type == "BatchNormalization").input[3]
+    init = next(i for i in model.graph.initializer if i.name == mean)
+    model.graph.input.append(onnx.helper.make_tensor_value_info(mean, init.data_type, list(init.dims)))
+    model.graph.initializer.remove(init)
+    report = graphfold.inspect(model, passes=["fold-batchnorm"])
+    assert report.counts() == {"fold-batchnorm": 5}
+    assert [d.reason for d in report.declines] == ["BatchNormalization parameters are not float constants"]
+
+
+def test_check(sample, folded_sample, monkeypatch):
+    result = graphfold.check(sample, folded_sample[0], rtol=1e-5)
+    assert isinstance(result, graphfold.ValidationResult) and result.passed
+    corrupt_batchnorm_folds(monkeypatch)
+    wrong, _ = graphfold.fold(sample, check=False)
+    assert not graphfold.check(sample, wrong).passed
+    feeds = [{"input": np.zeros((1, 3, 32, 32), np.float32)}]
+    assert graphfold.check(SAMPLE, folded_sample[0], feeds=feeds).source == "calibration"
