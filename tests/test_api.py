@@ -149,6 +149,18 @@ def test_inspect_shows_why(sample):
     assert [d.reason for d in report.declines] == ["BatchNormalization parameters are not float constants"]
 
 
+def test_summary_reads_like_the_report(sample, folded_sample):
+    _, report = folded_sample
+    lines = report.summary().splitlines()
+    assert lines[0].split() == ["before", "after", "change"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:6]}
+    assert set(rows) == {"nodes", "convs", "depth", "params", "MACs"}
+    assert rows["MACs"] == ["8.83M", "8.83M"] and rows["params"][0] == "20.28k"
+    assert rows["nodes"][2].startswith("-") and rows["nodes"][2].endswith("%")
+    assert "rewrites:" in lines and any(line.split() == ["fold-batchnorm", "6"] for line in lines)
+    assert lines[-1].startswith("validation passed on 3 random input(s)")
+
+
 def test_check(sample, folded_sample, monkeypatch):
     result = graphfold.check(sample, folded_sample[0], rtol=1e-5)
     assert isinstance(result, graphfold.ValidationResult) and result.passed

@@ -141,6 +141,24 @@ def test_batchnorm_into_gemm(trans_b):
     assert_folded(b.model([value_info("y", [3, 4])]), BN, 1, ["Gemm"])
 
 
+def test_batchnorm_into_gemm_with_transposed_input_and_row_bias():
+    b = Builder()
+    b.input("x", [5, 3])
+    b.node("Gemm", ["x", b.random("w", [5, 4]), b.random("b", [1, 4])], ["g"], transA=1)
+    b.batchnorm("g", "y", 4)
+    assert_folded(b.model([value_info("y", [3, 4])]), BN, 1, ["Gemm"])
+
+
+def test_batchnorm_into_conv_whose_weight_is_a_constant_node():
+    b = Builder()
+    b.input("x", [1, 4, 8, 8])
+    b.nodes.append(helper.make_node("Constant", [], ["w"], name="w", value=numpy_helper.from_array(
+        b.rng.standard_normal([6, 4, 3, 3]).astype(np.float32))))
+    b.node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])
+    b.batchnorm("c", "y", 6)
+    assert_folded(b.model([value_info("y", [1, 6, 8, 8])]), BN, 1, ["Conv"])
+
+
 def test_batchnorm_into_matmul_makes_a_gemm():
     b = Builder()
     b.input("x", [3, 5])

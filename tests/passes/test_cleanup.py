@@ -139,6 +139,33 @@ def test_remove_identity_output_name_kept_when_the_source_has_other_readers():
     assert_same_outputs(model, folded)
 
 
+@pytest.mark.parametrize("identity_is_output", [False, True])
+def test_remove_identity_whose_tensors_a_subgraph_reads(identity_is_output):
+    # The If branches read the Identity's input (or output) by name from the outer graph.
+    shape = [2, 3]
+    read = "a" if identity_is_output else "b"
+    branches = {f"{kind}_branch": helper.make_graph(
+        [helper.make_node(op, [read], [kind])], kind, [],
+        [helper.make_tensor_value_info(kind, TensorProto.FLOAT, shape)])
+        for kind, op in (("then", "Neg"), ("else", "Relu"))}
+    outputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, shape)]
+    if identity_is_output:
+        outputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, shape))
+    model = make_model(
+        [helper.make_node("Sigmoid", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"]),
+         helper.make_node("If", ["cond"], ["z"], **branches)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])], outputs)
+    folded, report = fold_only(model, ["remove-identity"])
+    assert len(report.rewrites) == 1
+    assert op_types(folded) == ["Sigmoid", "If"]
+    onnx.checker.check_model(folded, full_check=True)
+    for cond in (True, False):
+        feeds = {"x": np.linspace(-1, 1, 6, dtype=np.float32).reshape(shape), "cond": np.array(cond)}
+        for ref, out in zip(run_ort(model, feeds), run_ort(folded, feeds)):
+            np.testing.assert_array_equal(out, ref)
+
+
 @pytest.mark.parametrize("dropout", [
     "d = Dropout(a)",
     "d = Dropout(a, ratio)",
