@@ -1,0 +1,367 @@
+"""merge-conv-chain on 1-4 Conv graphs: exact merges, the cost model's say, one test per decline reason.
+
+Also home of the small builder and fold assertions the other depth-folding pass tests import.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from graphfold.report import Report
+from tests.util import assert_same_outputs, fold_only, make_model, op_types
+
+FLOAT = TensorProto.FLOAT
+CHAIN = ["merge-conv-chain"]
+
+
+class Net:
+    """A small model under construction: seeded weights scaled to keep activations near 1, and
+    every node named after the tensor it writes."""
+
+    def __init__(self, shape: Sequence[int | str], seed: int = 0, name: str = "x") -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.x = self.input(name, shape)
+
+    def input(self, name: str, shape: Sequence[int | str] | None) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, FLOAT, None if shape is None else list(shape)))
+        return name
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def random(self, name: str, shape: Sequence[int], fan_in: int | None = None) -> str:
+        scale = 1.0 / np.sqrt(fan_in) if fan_in else 1.0
+        return self.const(name, (self.rng.standard_normal(shape) * scale).astype(np.float32))
+
+    def op(self, op: str, inputs: Sequence[str], out: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def conv(self, x: str, out: str, cin: int, cout: int, kernel: int | Sequence[int] = 3, bias: bool = True,
+             group: int = 1, weight: str | None = None, **attrs) -> str:
+        """Conv ``x -> out`` with random weights (``weight`` names an existing one instead)."""
+        kernel = [kernel, kernel] if isinstance(kernel, int) else list(kernel)
+        fan_in = cin // group * int(np.prod(kernel))
+        inputs = [x, weight or self.random(f"{out}.w", [cout, cin // group, *kernel], fan_in)]
+        if bias:
+            inputs.append(self.random(f"{out}.b", [cout]))
+        return self.op("Conv", inputs, out, group=group, **attrs)
+
+    def batchnorm(self, x: str, out: str, channels: int, zero: bool = False, **attrs) -> str:
+        gamma, beta = (np.zeros(channels), np.zeros(channels)) if zero else \
+            (self.rng.uniform(0.5, 1.5, channels), self.rng.standard_normal(channels))
+        params = [gamma, beta, self.rng.standard_normal(channels), self.rng.uniform(0.5, 1.5, channels)]
+        names = [self.const(f"{out}.{key}", value.astype(np.float32))
+                 for key, value in zip(("gamma", "beta", "mean", "var"), params)]
+        return self.op("BatchNormalization", [x, *names], out, **attrs)
+
+    def model(self, *outputs: str, opset: int = 17) -> onnx.ModelProto:
+        """The checked model, its output shapes taken from ONNX shape inference."""
+        values = [helper.make_tensor_value_info(name, FLOAT, None) for name in outputs]
+        graph = helper.make_graph(self.nodes, "test", self.inputs, values, self.inits)
+        draft = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        inferred = onnx.shape_inference.infer_shapes(draft, strict_mode=True).graph.output
+        return make_model(self.nodes, self.inputs, list(inferred), self.inits, opset=opset)
+
+
+def assert_folds(model: onnx.ModelProto, passes: Sequence[str], count: int, ops_after: Sequence[str],
+                 shapes: dict | None = None, fold_all: bool = False) -> tuple[onnx.ModelProto, Report]:
+    """``passes`` make ``count`` exact rewrites and leave ``ops_after``; onnxruntime agrees within
+    1e-5 relative; folding the result again changes nothing."""
+    folded, report = fold_only(model, passes, input_shapes=shapes, fold_all=fold_all)
+    assert len(report.rewrites) == count, [r.detail for r in report.rewrites]
+    assert all(r.exact and r.error_bound is None for r in report.rewrites)
+    assert op_types(folded) == list(ops_after), [r.detail for r in report.rewrites]
+    assert [o.name for o in folded.graph.output] == [o.name for o in model.graph.output]
+    assert_same_outputs(model, folded, shapes=shapes)
+    _, again = fold_only(folded, passes, input_shapes=shapes, fold_all=fold_all)
+    assert again.rewrites == [], [r.detail for r in again.rewrites]
+    return folded, report
+
+
+def assert_declines(model: onnx.ModelProto, passes: Sequence[str], reason: str, fold_all: bool = False) -> Report:
+    """No rewrite, the graph is unchanged, and a decline says ``reason``."""
+    folded, report = fold_only(model, passes, fold_all=fold_all)
+    assert report.rewrites == [], [r.detail for r in report.rewrites]
+    reasons = [d.reason for d in report.declines]
+    assert any(reason in text for text in reasons), reasons
+    assert op_types(folded) == op_types(model)
+    return report
+
+
+def conv_attrs(model: onnx.ModelProto, index: int = 0) -> dict:
+    node = [n for n in model.graph.node if n.op_type == "Conv"][index]
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+# --- exact merges -----------------------------------------------------------------------------
+
+def test_kxk_then_pointwise():
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.x, "a", 4, 8, 3, pads=[1] * 4), "y", 8, 4, 1)
+    folded, report = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+    assert report.rewrites[0].nodes_removed == ["a", "y"]
+    assert conv_attrs(folded)["kernel_shape"] == [3, 3] and conv_attrs(folded)["pads"] == [1] * 4
+
+
+def test_unpadded_second_conv():
+    # A channel bottleneck makes the 5x5 cheaper than the two 3x3s.
+    n = Net([1, 2, 10, 10])
+    n.conv(n.conv(n.x, "a", 2, 16, 3, pads=[1] * 4), "y", 16, 2, 3)
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+    assert conv_attrs(folded)["kernel_shape"] == [5, 5]
+
+
+def test_pointwise_with_bias_then_padded_kxk_adds_the_border_correction():
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.x, "a", 4, 64, 1), "y", 64, 4, 3, pads=[1] * 4)
+    folded, report = assert_folds(n.model("y"), CHAIN, 1, ["Conv", "Add"])
+    assert "border Add" in report.rewrites[0].detail
+    border = folded.graph.node[1].input[1]
+    [init] = [i for i in folded.graph.initializer if i.name == border]
+    assert list(init.dims) == [1, 4, 8, 8]
+
+
+def test_pointwise_without_bias_then_padded_kxk_is_a_plain_conv():
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.x, "a", 4, 64, 1, bias=False), "y", 64, 4, 3, pads=[1] * 4)
+    assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+
+
+def test_pointwise_without_bias_merges_with_dynamic_dims():
+    n = Net(["N", 4, "H", "W"])
+    n.conv(n.conv(n.x, "a", 4, 64, 1, bias=False), "y", 64, 4, 3, pads=[1] * 4)
+    assert_folds(n.model("y"), CHAIN, 1, ["Conv"], shapes={"x": [2, 4, 9, 7]})
+
+
+def test_expand_depthwise_project_merges_as_a_whole():
+    # No pair of the block pays alone (a dense 3x3 over the expanded channels); all three do.
+    n = Net([1, 8, 16, 16])
+    n.conv(n.conv(n.conv(n.x, "a", 8, 48, 1), "b", 48, 48, 3, group=48, pads=[1] * 4), "y", 48, 8, 1)
+    folded, report = assert_folds(n.model("y"), CHAIN, 1, ["Conv", "Add"])
+    assert report.rewrites[0].detail == "3 convs -> 3x3 conv + border Add"
+    assert conv_attrs(folded)["group"] == 1
+
+
+def test_expand_then_depthwise_alone_does_not_pay():
+    n = Net([1, 8, 16, 16])
+    n.conv(n.conv(n.x, "a", 8, 48, 1), "y", 48, 48, 3, group=48, pads=[1] * 4)
+    assert_declines(n.model("y"), CHAIN, "merging does not pay")
+
+
+def test_inverted_residual_folds_to_one_conv_in_the_default_pipeline():
+    # Chain merge, then the skip folds into the kernel and the border map rides along as one Add.
+    n = Net([1, 8, 16, 16])
+    n.conv(n.conv(n.conv(n.x, "a", 8, 48, 1), "b", 48, 48, 3, group=48, pads=[1] * 4), "c", 48, 8, 1)
+    n.op("Add", ["c", "x"], "y")
+    folded, report = assert_folds(n.model("y"), None, 2, ["Conv", "Add"])
+    assert [r.pass_name for r in report.rewrites] == ["merge-conv-chain", "merge-parallel-branches"]
+
+
+def test_chain_split_where_a_link_is_not_exact():
+    # 3x3 -> 1x1 merges; the padded 3x3 after it may not join.
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.conv(n.x, "a", 4, 8, 3, pads=[1] * 4), "b", 8, 4, 1), "y", 4, 4, 3, pads=[1] * 4)
+    folded, report = fold_only(n.model("y"), CHAIN)
+    assert [r.detail for r in report.rewrites] == ["2 convs -> 3x3 conv"]
+    assert op_types(folded) == ["Conv", "Conv"]
+    assert_same_outputs(n.model("y"), folded)
+
+
+def test_depthwise_chain_stays_depthwise():
+    n = Net([1, 6, 8, 8])
+    n.conv(n.conv(n.x, "a", 6, 6, 3, group=6, pads=[1] * 4), "y", 6, 6, 3, group=6)
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+    assert conv_attrs(folded)["group"] == 6 and conv_attrs(folded)["kernel_shape"] == [5, 5]
+
+
+def test_depthwise_then_pointwise_becomes_dense():
+    n = Net([1, 6, 8, 8])
+    n.conv(n.conv(n.x, "a", 6, 6, 3, group=6, pads=[1] * 4), "y", 6, 6, 1)
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+    assert conv_attrs(folded)["group"] == 1
+
+
+@pytest.mark.parametrize("groups", [(2, 2), (2, 4)], ids=["same", "finer-second"])
+def test_grouped_chain_keeps_the_coarser_grouping(groups):
+    n = Net([1, 8, 8, 8])
+    n.conv(n.conv(n.x, "a", 8, 8, 3, group=groups[0], pads=[1] * 4), "y", 8, 8, 1, group=groups[1])
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+    assert conv_attrs(folded)["group"] == 2
+
+
+def test_stride_two_on_an_odd_input():
+    n = Net([1, 4, 9, 9])
+    n.conv(n.conv(n.x, "a", 4, 8, 3, strides=[2, 2], pads=[1] * 4), "y", 8, 4, 1)
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+    assert conv_attrs(folded)["strides"] == [2, 2]
+
+
+def test_two_stride_two_convs_on_an_odd_input():
+    n = Net([1, 4, 11, 11])
+    n.conv(n.conv(n.x, "a", 4, 8, 3, strides=[2, 2]), "y", 8, 4, 3, strides=[2, 2])
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+    assert conv_attrs(folded)["strides"] == [4, 4] and conv_attrs(folded)["kernel_shape"] == [7, 7]
+
+
+def test_strided_pointwise_then_padded_strided_kxk_with_border():
+    n = Net([1, 4, 11, 11])
+    n.conv(n.conv(n.x, "a", 4, 32, 1, strides=[2, 2]), "y", 32, 4, 3, strides=[2, 2], pads=[1] * 4)
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv", "Add"], fold_all=True)
+    # conv2's taps sit s1 * d2 = 2 apart on the input.
+    assert conv_attrs(folded)["dilations"] == [2, 2] and conv_attrs(folded)["strides"] == [4, 4]
+
+
+def test_dilated_kxk_then_pointwise():
+    n = Net([1, 4, 9, 9])
+    n.conv(n.conv(n.x, "a", 4, 8, 3, dilations=[2, 2], pads=[2] * 4), "y", 8, 4, 1)
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+    assert conv_attrs(folded)["dilations"] == [2, 2]
+
+
+def test_pointwise_then_dilated_padded_kxk_with_border():
+    n = Net([1, 4, 9, 9])
+    n.conv(n.conv(n.x, "a", 4, 32, 1), "y", 32, 4, 3, dilations=[2, 2], pads=[2] * 4)
+    assert_folds(n.model("y"), CHAIN, 1, ["Conv", "Add"], fold_all=True)
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_auto_pad_first_conv_with_asymmetric_padding(auto_pad):
+    n = Net([1, 4, 9, 9])
+    n.conv(n.conv(n.x, "a", 4, 8, 4, auto_pad=auto_pad), "y", 8, 4, 1)
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+    # SAME_UPPER puts the odd pad at the end, SAME_LOWER at the beginning.
+    assert conv_attrs(folded)["pads"] == ([1, 1, 2, 2] if auto_pad == "SAME_UPPER" else [2, 2, 1, 1])
+    assert "auto_pad" not in conv_attrs(folded)
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_auto_pad_second_conv_with_border(auto_pad):
+    # 3x3 stride 2 on 8x8 pads one pixel on one side only.
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.x, "a", 4, 32, 1), "y", 32, 4, 3, strides=[2, 2], auto_pad=auto_pad)
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv", "Add"], fold_all=True)
+    assert conv_attrs(folded)["pads"] == ([0, 0, 1, 1] if auto_pad == "SAME_UPPER" else [1, 1, 0, 0])
+
+
+def test_conv1d_chain():
+    n = Net([1, 4, 16])
+    n.conv(n.conv(n.x, "a", 4, 8, [3], pads=[1, 1]), "y", 8, 4, [1])
+    assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
+
+
+def test_dynamic_batch_chain():
+    n = Net(["N", 4, 8, 8])
+    n.conv(n.conv(n.x, "a", 4, 64, 1), "y", 64, 4, 3, pads=[1] * 4)
+    assert_folds(n.model("y"), CHAIN, 1, ["Conv", "Add"], shapes={"x": [3, 4, 8, 8]})
+
+
+def test_opset_11_chain():
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.x, "a", 4, 8, 3, pads=[1] * 4), "y", 8, 4, 1)
+    assert_folds(n.model("y", opset=11), CHAIN, 1, ["Conv"])
+
+
+conv_spec = st.fixed_dictionaries({
+    "kernel": st.sampled_from([1, 2, 3]), "stride": st.sampled_from([1, 2]), "dilation": st.sampled_from([1, 2]),
+    "pad": st.sampled_from([0, 1, 2]), "group": st.sampled_from([1, 2, 4]), "bias": st.booleans()})
+
+
+@settings(max_examples=30, deadline=None)
+@given(first=conv_spec, second=conv_spec, size=st.integers(7, 10))
+def test_whatever_merges_matches_onnxruntime(first, second, size):
+    n = Net([1, 4, size, size])
+    for spec, (x, out) in zip((first, second), (("x", "a"), ("a", "y"))):
+        pad = spec["pad"] if spec["kernel"] > 1 else 0
+        size = (size + 2 * pad - spec["dilation"] * (spec["kernel"] - 1) - 1) // spec["stride"] + 1
+        assume(size >= 1)
+        n.conv(x, out, 4, 4, spec["kernel"], bias=spec["bias"], group=spec["group"], strides=[spec["stride"]] * 2,
+               dilations=[spec["dilation"]] * 2, pads=[pad] * 4)
+    model = n.model("y")
+    folded, report = fold_only(model, CHAIN, fold_all=True)
+    assert len(report.rewrites) + len(report.declines) == 1
+    assert_same_outputs(model, folded, seeds=(0,))
+
+
+# --- the cost model decides -------------------------------------------------------------------
+
+def cost_heavy_chain() -> onnx.ModelProto:
+    """3x3 -> unpadded 3x3, 32 -> 32 channels: the 5x5 merge has more MACs than both."""
+    n = Net([1, 32, 16, 16])
+    n.conv(n.conv(n.x, "a", 32, 32, 3, pads=[1] * 4), "y", 32, 32, 3)
+    return n.model("y")
+
+
+def test_merge_that_does_not_pay_is_declined():
+    assert_declines(cost_heavy_chain(), CHAIN, "merging does not pay (estimated cost x1.44); --fold-all merges anyway")
+
+
+def test_fold_all_merges_what_does_not_pay():
+    folded, _ = assert_folds(cost_heavy_chain(), CHAIN, 1, ["Conv"], fold_all=True)
+    assert conv_attrs(folded)["kernel_shape"] == [5, 5]
+
+
+# --- one test per decline reason --------------------------------------------------------------
+
+def test_declines_padded_kxk_after_kxk():
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.x, "a", 4, 4, 3, pads=[1] * 4), "y", 4, 4, 3, pads=[1] * 4)
+    assert_declines(n.model("y"), CHAIN, "padded 3x3 conv after a 3x3 conv is exact only in the interior")
+
+
+def test_padded_resnet_block_is_left_unmerged_by_default():
+    n = Net([1, 8, 8, 8])
+    n.conv(n.conv(n.x, "a", 8, 8, 3, pads=[1] * 4), "b", 8, 8, 3, pads=[1] * 4)
+    n.op("Add", ["b", "x"], "y")
+    report = assert_declines(n.model("y"), None, "exact only in the interior")
+    assert {d.pass_name for d in report.declines} >= {"merge-conv-chain"}
+
+
+def test_declines_border_correction_with_dynamic_spatial_dims():
+    n = Net(["N", 4, "H", "W"])
+    n.conv(n.conv(n.x, "a", 4, 64, 1), "y", 64, 4, 3, pads=[1] * 4)
+    assert_declines(n.model("y"), CHAIN, "the spatial dims are dynamic, so the constant border correction "
+                                         "cannot be built")
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_declines_auto_pad_with_dynamic_spatial_dims(auto_pad):
+    n = Net(["N", 4, "H", "W"])
+    n.conv(n.conv(n.x, "a", 4, 8, 3, auto_pad=auto_pad), "y", 8, 4, 1)
+    assert_declines(n.model("y"), CHAIN, "Conv 'a' uses auto_pad and its input's spatial dims are dynamic")
+
+
+def test_declines_weights_fed_at_run_time():
+    n = Net([1, 4, 8, 8])
+    n.conv(n.x, "a", 4, 8, 3, pads=[1] * 4)
+    n.conv("a", "y", 8, 4, 1, weight=n.input("w", [4, 8, 1, 1]))
+    assert_declines(n.model("y"), CHAIN, "Conv 'y' weights are not float constants")
+
+
+def test_declines_a_shared_weight():
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.x, "a", 4, 4, 3, pads=[1] * 4), "y", 4, 4, 1)
+    n.conv("x", "z", 4, 4, 1, weight="y.w")
+    assert_declines(n.model("y", "z"), CHAIN, "Conv 'y' weight is shared with another node")
+
+
+@pytest.mark.parametrize("outputs", [("y", "z"), ("y", "a")], ids=["two-readers", "graph-output"])
+def test_intermediate_that_must_stay_is_not_a_chain(outputs):
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.x, "a", 4, 8, 3, pads=[1] * 4), "y", 8, 4, 1)
+    if "z" in outputs:
+        n.conv("a", "z", 8, 4, 1)
+    model = n.model(*outputs)
+    folded, report = fold_only(model, CHAIN)
+    assert report.rewrites == [] and report.declines == []
+    assert op_types(folded) == op_types(model)
