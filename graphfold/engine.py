@@ -159,6 +159,8 @@ class Pass:
 
 Progress = Callable[[str], None]
 
+MAX_SWEEPS = 64
+
 
 class PassError(RuntimeError):
     """A rewrite raised: a bug in graphfold, reported with the pass's name."""
@@ -210,12 +212,17 @@ def run_pipeline(ctx: FoldContext, passes: Sequence[Pass], progress: Progress | 
         for fold_pass in passes:
             if progress:
                 progress(f"round {round_index}: {fold_pass.name}")
-            try:
-                done = run_pass(ctx, fold_pass)
-            except Exception as exc:
-                raise PassError(f"pass {fold_pass.name!r} failed: {type(exc).__name__}: {exc}") from exc
-            applied.extend(done)
-            changed += len(done)
+            # Each pass runs to its own fixed point: a rewrite can expose a candidate just past it
+            # (a constant map sunk through one conv meets the next), which the same sweep missed.
+            for _ in range(MAX_SWEEPS):
+                try:
+                    done = run_pass(ctx, fold_pass)
+                except Exception as exc:
+                    raise PassError(f"pass {fold_pass.name!r} failed: {type(exc).__name__}: {exc}") from exc
+                applied.extend(done)
+                changed += len(done)
+                if not done:
+                    break
         if not changed:
             break
     else:

@@ -9,6 +9,7 @@ from graphfold.passes.activations import RemoveIdentityActivations
 from graphfold.passes.affine import FoldBatchNorm, FoldChannelAffine
 from graphfold.passes.branches import DropZeroBranches, MergeParallelBranches
 from graphfold.passes.cleanup import FoldConstants, RemoveDeadNodes, RemoveIdentity
+from graphfold.passes.constant_maps import SinkConstantAdds
 from graphfold.passes.conv_chain import MergeConvChains
 
 # Clean-up first so the folds see plain Conv -> op chains; affine maps fold into their
@@ -23,6 +24,7 @@ DEFAULT_PIPELINE: tuple[type[Pass], ...] = (
     DropZeroBranches,
     MergeParallelBranches,
     MergeConvChains,
+    SinkConstantAdds,
 )
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in DEFAULT_PIPELINE}
