@@ -121,6 +121,8 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
     ensure_writable(args.output, args.input)
     if args.report:
         ensure_writable(args.report, args.input)
+        if os.path.abspath(args.report) == os.path.abspath(args.output):
+            raise UsageError(f"{args.report}: --report and -o name the same file")
     try:
         model, report = api.fold(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
                                  fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),

@@ -220,8 +220,6 @@ def test_output_equal_to_input_is_refused(work, capsys, spelling):
     assert fingerprint(work / "in.onnx") == before
 
 
-@pytest.mark.xfail(strict=True, reason="cli.run_fold does not compare --report with -o: the JSON report "
-                                       "overwrites the model just written (graphfold/cli.py run_fold)")
 def test_report_equal_to_output_is_refused(work, capsys):
     code, _, err = run(capsys, work / "in.onnx", "-o", work / "out.onnx", "--report", work / "out.onnx")
     assert code == 2
