@@ -19,6 +19,7 @@ from graphfold.graph import bypass, bypass_reason, const_value, producer
 Range = tuple[float, float]
 UNBOUNDED: Range = (-math.inf, math.inf)
 # Ops whose output range is their input's (or narrower): max/avg pools, reshapes, transposes.
+# AveragePool, Resize and Dropout only in some modes (``_widened``).
 RANGE_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
                     "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Resize", "Upsample",
                     "Slice", "Gather", "ReduceMax", "ReduceMin", "ReduceMean", "SpaceToDepth", "DepthToSpace"}
@@ -62,13 +63,39 @@ def value_range(tensor: gs.Tensor, depth: int = 0) -> Range:
         if bounds is None:
             return UNBOUNDED
         inner = value_range(node.inputs[0], depth + 1)
-        return max(bounds[0], inner[0]), min(bounds[1], max(inner[1], bounds[0]))
+        # Clamp both ends: an input range wholly outside the bounds collapses onto one of them.
+        return min(max(bounds[0], inner[0]), bounds[1]), min(bounds[1], max(inner[1], bounds[0]))
     if node.op in RANGE_PRESERVING and node.inputs:
-        return value_range(node.inputs[0], depth + 1)
+        return _widened(node, value_range(node.inputs[0], depth + 1))
     if node.op in ("Concat", "Max", "Min") and node.inputs:
         ranges = [value_range(t, depth + 1) for t in node.inputs]
         return min(r[0] for r in ranges), max(r[1] for r in ranges)
     return UNBOUNDED
+
+
+def _widened(node: gs.Node, inner: Range) -> Range:
+    """The output range of a range-preserving op whose mode may let values outside ``inner`` in."""
+    low, high = inner
+    if node.op == "AveragePool" and node.attrs.get("count_include_pad", 0) and \
+            (any(node.attrs.get("pads", [])) or _attr_text(node, "auto_pad") not in ("NOTSET", "VALID")):
+        return min(low, 0.0), max(high, 0.0)  # the zero padding is averaged in
+    if node.op == "Resize":
+        if _attr_text(node, "mode") == "cubic":
+            return UNBOUNDED  # cubic interpolation overshoots its samples
+        if _attr_text(node, "coordinate_transformation_mode") == "tf_crop_and_resize":
+            fill = float(node.attrs.get("extrapolation_value", 0.0))
+            return min(low, fill), max(high, fill)
+    if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
+        training = const_value(node.inputs[2])
+        if training is None or bool(training):
+            # Training mode zeroes some elements and scales the rest up by 1/(1-ratio).
+            return (0.0 if low >= 0 else -math.inf), (0.0 if high <= 0 else math.inf)
+    return low, high
+
+
+def _attr_text(node: gs.Node, name: str) -> str:
+    value = node.attrs.get(name, "NOTSET" if name == "auto_pad" else "")
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _shape_kept(ctx: FoldContext, x: gs.Tensor, value: np.ndarray) -> bool:
