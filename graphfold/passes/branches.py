@@ -77,6 +77,7 @@ class MergeParallelBranches(Pass):
     summary = "sum parallel Conv/BN/identity branches over one input into a single Conv (RepVGG, skips)"
 
     def match(self, ctx: FoldContext):
+        matches = []
         for node in ctx.graph.nodes:
             if node.op not in SUM_OPS or len(node.inputs) < 2 or len(node.outputs) != 1:
                 continue
@@ -85,8 +86,11 @@ class MergeParallelBranches(Pass):
             constants = [const_value(t) for t, _ in tensors if const_value(t) is not None]
             # Two summands at least: one conv plus constants is fold-affine's business.
             if len(terms) >= 2 and any(t.node is not None and t.node.op == "Conv" for t in terms):
-                yield Match(tuple(sums) + tuple(t.node for t in terms if t.node is not None),
-                            {"terms": terms, "constants": constants, "sums": sums})
+                matches.append(Match(tuple(sums) + tuple(t.node for t in terms if t.node is not None),
+                                     {"terms": terms, "constants": constants, "sums": sums}))
+        # Outermost sums first: a nested sum merges in one rewrite, and its inner sums are only
+        # tried on their own when the whole is declined.
+        return sorted(matches, key=lambda m: -len(m.data["sums"]))
 
     def check(self, ctx: FoldContext, match: Match) -> Decision:
         terms: list[Term] = match.data["terms"]
@@ -235,11 +239,14 @@ class DropZeroBranches(Pass):
         zero = node.inputs[index]
         layer = producer(zero)
         others = [t for i, t in enumerate(node.inputs) if i != index]
+        detail = f"dropped zero branch {layer.op} {layer.name!r} from {node.op} {node.name!r}"
         if len(others) == 1:
             bypass(node, others[0], node.outputs[0], ctx.graph_outputs)
-            removed = [node]
-        else:
-            node.inputs.clear()
-            node.inputs.extend(others)
-            removed = []
-        return Change(removed, [], f"dropped zero branch {layer.op} {layer.name!r} from {node.op} {node.name!r}")
+            return Change([node], [], detail)
+        # A Sum of the remaining summands replaces the node, so the change is recorded (an
+        # in-place edit would look like no change to the engine).
+        out = node.outputs[0]
+        detach([node])
+        smaller = gs.Node("Sum", ctx.scope.make(node.name), inputs=others, outputs=[out])
+        ctx.graph.nodes.append(smaller)
+        return Change([node], [smaller], detail)

@@ -1,0 +1,224 @@
+"""merge-parallel-branches and drop-zero-branch on 2-6 node graphs: exact merges, one test per decline."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from tests.passes.test_conv_chain import Net, assert_declines, assert_folds, conv_attrs
+
+PARALLEL = ["merge-parallel-branches"]
+ZERO = ["drop-zero-branch"]
+SAME = [1, 1, 1, 1]
+
+
+def repvgg_block(shape=(1, 8, 8, 8)) -> onnx.ModelProto:
+    """relu(x) -> BN(3x3) + BN(1x1) + BN(identity), as RepVGG trains it."""
+    channels = shape[1]
+    n = Net(list(shape))
+    r = n.op("Relu", ["x"], "r")
+    n.batchnorm(n.conv(r, "c3", channels, channels, 3, bias=False, pads=SAME), "b3", channels)
+    n.batchnorm(n.conv(r, "c1", channels, channels, 1, bias=False), "b1", channels)
+    n.batchnorm(r, "bi", channels)
+    n.op("Add", [n.op("Add", ["b3", "b1"], "s"), "bi"], "y")
+    return n.model("y")
+
+
+# --- merge-parallel-branches ------------------------------------------------------------------
+
+def test_repvgg_block_after_batchnorm_folding():
+    _, report = assert_folds(repvgg_block(), ["fold-batchnorm", *PARALLEL], 3, ["Relu", "Conv"])
+    assert [r.pass_name for r in report.rewrites] == ["fold-batchnorm"] * 2 + PARALLEL
+    assert report.rewrites[-1].detail == "3 branches (BatchNormalization, Conv, Conv) -> one 3x3 conv"
+
+
+def test_repvgg_block_with_a_dynamic_batch():
+    assert_folds(repvgg_block(("N", 8, 8, 8)), ["fold-batchnorm", *PARALLEL], 3, ["Relu", "Conv"],
+                 shapes={"x": [2, 8, 8, 8]})
+
+
+def test_acnet_square_and_asymmetric_kernels():
+    n = Net([1, 8, 8, 8])
+    n.conv("x", "c3", 8, 8, 3, pads=SAME)
+    n.conv("x", "c13", 8, 8, [1, 3], pads=[0, 1, 0, 1])
+    n.conv("x", "c31", 8, 8, [3, 1], pads=[1, 0, 1, 0])
+    n.op("Sum", ["c3", "c13", "c31"], "y")
+    folded, _ = assert_folds(n.model("y"), PARALLEL, 1, ["Conv"])
+    assert conv_attrs(folded)["kernel_shape"] == [3, 3]
+
+
+@pytest.mark.parametrize("group", [1, 8], ids=["dense", "depthwise"])
+@pytest.mark.parametrize("skip_first", [True, False])
+def test_identity_skip_folds_into_the_kernel(group, skip_first):
+    n = Net([1, 8, 8, 8])
+    n.conv(n.op("Relu", ["x"], "r"), "c", 8, 8, 3, group=group, pads=SAME)
+    n.op("Add", ["r", "c"] if skip_first else ["c", "r"], "y")
+    folded, _ = assert_folds(n.model("y"), PARALLEL, 1, ["Relu", "Conv"])
+    assert conv_attrs(folded)["group"] == group
+
+
+def test_identity_skip_with_dynamic_dims():
+    n = Net(["N", 8, "H", "W"])
+    n.conv(n.op("Relu", ["x"], "r"), "c", 8, 8, 3, pads=SAME)
+    n.op("Add", ["r", "c"], "y")
+    assert_folds(n.model("y"), PARALLEL, 1, ["Relu", "Conv"], shapes={"x": [2, 8, 5, 7]})
+
+
+def test_identity_skip_at_opset_13():
+    n = Net([1, 8, 8, 8])
+    n.conv(n.op("Relu", ["x"], "r"), "c", 8, 8, 3, pads=SAME)
+    n.op("Add", ["r", "c"], "y")
+    assert_folds(n.model("y", opset=13), PARALLEL, 1, ["Relu", "Conv"])
+
+
+def nested_sum_with_constant(constant_shape) -> onnx.ModelProto:
+    """(conv3x3(x) + constant) + conv1x1(x)."""
+    n = Net([1, 8, 8, 8])
+    n.op("Add", [n.conv("x", "a", 8, 8, 3, pads=SAME), n.random("m", constant_shape)], "s")
+    n.op("Add", ["s", n.conv("x", "b", 8, 8, 1)], "y")
+    return n.model("y")
+
+
+def test_nested_sums_with_a_constant_map_keep_one_add():
+    _, report = assert_folds(nested_sum_with_constant([1, 8, 8, 8]), PARALLEL, 1, ["Conv", "Add"])
+    assert report.rewrites[0].detail.endswith("+ constant Add")
+
+
+def test_nested_sums_with_a_per_channel_constant_fold_into_the_bias():
+    assert_folds(nested_sum_with_constant([8, 1, 1]), PARALLEL, 1, ["Conv"])
+
+
+def test_branches_with_stride_two_and_aligned_pads():
+    # 3x3 pad 1 and 1x1 pad 0 read the same centre at any input size.
+    n = Net([1, 8, 9, 9])
+    n.conv("x", "a", 8, 8, 3, strides=[2, 2], pads=SAME)
+    n.conv("x", "b", 8, 8, 1, strides=[2, 2])
+    n.op("Add", ["a", "b"], "y")
+    assert_folds(n.model("y"), PARALLEL, 1, ["Conv"])
+
+
+def test_fold_all_merges_what_does_not_pay():
+    n = Net([1, 64, 32, 32])
+    n.conv("x", "a", 64, 64, [1, 3], pads=[0, 1, 0, 1])
+    n.conv("x", "b", 64, 64, [3, 1], pads=[1, 0, 1, 0])
+    n.op("Add", ["a", "b"], "y")
+    model = n.model("y")
+    assert_declines(model, PARALLEL, "merging does not pay (estimated cost x1.34); --fold-all merges anyway")
+    assert_folds(model, PARALLEL, 1, ["Conv"], fold_all=True)
+
+
+# --- merge-parallel-branches: one test per decline reason -------------------------------------
+
+def test_declines_different_strides():
+    n = Net([1, 8, 5, 5])
+    n.conv("x", "a", 8, 8, 3)
+    n.conv("x", "b", 8, 8, 1, strides=[2, 2])
+    n.op("Add", ["a", "b"], "y")
+    assert_declines(n.model("y"), PARALLEL, "strides differ: branch 0 has (1, 1), branch 1 has (2, 2)")
+
+
+def test_declines_misaligned_padding():
+    # Same output size on 8x8 only; the extents 3 and 2 cannot be centred in one another.
+    n = Net([1, 8, 8, 8])
+    n.conv("x", "a", 8, 8, 3, strides=[2, 2], pads=SAME)
+    n.conv("x", "b", 8, 8, 2, strides=[2, 2])
+    n.op("Add", ["a", "b"], "y")
+    assert_declines(n.model("y"), PARALLEL, "padding does not align on spatial axis 0")
+
+
+def test_declines_branches_on_different_inputs():
+    n = Net([1, 8, 8, 8])
+    n.conv("x", "a", 8, 8, 3, pads=SAME)
+    n.conv(n.input("x2", [1, 8, 8, 8]), "b", 8, 8, 1)
+    n.op("Add", ["a", "b"], "y")
+    assert_declines(n.model("y"), PARALLEL, "branches read different tensors")
+
+
+def test_declines_a_skip_that_broadcasts_over_channels():
+    n = Net([1, 8, 8, 8])
+    n.conv(n.op("Relu", ["x"], "r"), "c", 8, 1, 3, pads=SAME)
+    n.op("Add", ["r", "c"], "y")
+    assert_declines(n.model("y"), PARALLEL, "channels differ")
+
+
+def test_declines_a_training_mode_batchnorm_branch():
+    n = Net([1, 8, 8, 8])
+    n.conv("x", "a", 8, 8, 3, pads=SAME)
+    n.batchnorm("x", "b", 8)
+    bn = n.nodes[-1]
+    bn.output.extend(["running_mean", "running_var"])
+    bn.attribute.append(helper.make_attribute("training_mode", 1))
+    n.op("Add", ["a", "b"], "y")
+    assert_declines(n.model("y"), PARALLEL, "a BatchNormalization branch is not in inference mode")
+
+
+def test_declines_a_constant_map_on_dynamic_dims():
+    n = Net(["N", 8, "H", "W"])
+    n.op("Add", [n.conv("x", "a", 8, 8, 3, pads=SAME), n.random("m", [1, 8, 1, 8])], "s")
+    n.op("Add", ["s", n.conv("x", "b", 8, 8, 1)], "y")
+    assert_declines(n.model("y"), PARALLEL, "a constant map is added and the output's static shape is unknown")
+
+
+def test_declines_a_shared_weight():
+    n = Net([1, 8, 8, 8])
+    n.conv("x", "a", 8, 8, 3, pads=SAME)
+    n.conv("x", "b", 8, 8, 1)
+    n.conv("x", "z", 8, 8, 1, weight="b.w")
+    n.op("Add", ["a", "b"], "y")
+    assert_declines(n.model("y", "z"), PARALLEL, "Conv 'b' weight is shared with another node")
+
+
+def test_declines_auto_pad_on_dynamic_dims():
+    n = Net(["N", 8, "H", "W"])
+    n.conv(n.op("Relu", ["x"], "r"), "c", 8, 8, 3, auto_pad="SAME_UPPER")
+    n.op("Add", ["r", "c"], "y")
+    assert_declines(n.model("y"), PARALLEL, "Conv 'c' uses auto_pad and its input's spatial dims are dynamic")
+
+
+# --- drop-zero-branch -------------------------------------------------------------------------
+
+def zero_residual(shape=(1, 8, 8, 8)) -> onnx.ModelProto:
+    """r + BN(conv(r)) with the BN's gamma = beta = 0: the branch is zero once BN is folded."""
+    n = Net(list(shape))
+    r = n.op("Relu", ["x"], "r")
+    n.batchnorm(n.conv(r, "c", 8, 8, 3, pads=SAME), "z", 8, zero=True)
+    n.op("Add", [r, "z"], "y")
+    return n.model("y")
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8, 8), ("N", 8, 8, 8)], ids=["static", "dynamic-batch"])
+def test_zero_branch_goes_after_batchnorm_folding(shape):
+    shapes = {"x": [2, 8, 8, 8]} if shape[0] == "N" else None
+    _, report = assert_folds(zero_residual(shape), ["fold-batchnorm", *ZERO], 2, ["Relu"], shapes=shapes)
+    assert [r.pass_name for r in report.rewrites] == ["fold-batchnorm", *ZERO]
+
+
+def zero_conv(n: Net, x: str, out: str, cin: int = 8, cout: int = 8) -> str:
+    return n.conv(x, out, cin, cout, 3, bias=False, pads=SAME,
+                  weight=n.const(f"{out}.w", np.zeros((cout, cin, 3, 3), np.float32)))
+
+
+def test_zero_summand_leaves_a_smaller_sum():
+    n = Net([1, 8, 8, 8])
+    n.op("Sum", [n.op("Relu", ["x"], "r"), zero_conv(n, "x", "c"), n.op("Neg", ["x"], "q")], "y")
+    _, report = assert_folds(n.model("y"), ZERO, 1, ["Relu", "Neg", "Sum"])
+    assert report.rewrites[0].detail == "dropped zero branch Conv 'c' from Sum 'y'"
+
+
+def test_zero_branch_declines_a_sum_it_would_broadcast():
+    n = Net([1, 8, 1, 1])
+    n.op("Add", [n.op("Relu", ["x"], "r"), zero_conv(n, n.input("x2", [1, 8, 8, 8]), "c")], "y")
+    assert_declines(n.model("y"), ZERO, "cannot prove the zero branch does not broadcast the sum to a larger shape")
+
+
+def test_zero_branch_declines_when_the_graph_output_would_be_the_input():
+    n = Net([1, 8, 8, 8])
+    n.op("Add", ["x", zero_conv(n, "x", "c")], "y")
+    assert_declines(n.model("y"), ZERO, "graph output 'y' would become a graph input or constant")
+
+
+def test_zero_branch_declines_when_both_tensors_are_graph_outputs():
+    n = Net([1, 8, 8, 8])
+    n.op("Add", [n.op("Relu", ["x"], "r"), zero_conv(n, "x", "c")], "y")
+    assert_declines(n.model("y", "r"), ZERO, "'r' and 'y' are both graph outputs")
