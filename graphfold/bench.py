@@ -136,7 +136,7 @@ def _warm_up(label: str, session: ort.InferenceSession, feeds: dict[str, np.ndar
         session.run(None, feeds)
     except Exception as exc:
         shapes = {name: list(array.shape) for name, array in feeds.items()}
-        raise UsageError(f"onnxruntime cannot run {label} on inputs {shapes}: {exc}") from exc
+        raise UsageError(f"onnxruntime cannot run {label} on inputs {shapes}: {_first_line(exc)}") from exc
     for _ in range(warmup - 1):
         session.run(None, feeds)
 
@@ -185,7 +185,7 @@ def _session(label: str, source: str | bytes, options: ort.SessionOptions,
     try:
         session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
-        raise UsageError(f"onnxruntime cannot load {label}: {exc}") from exc
+        raise UsageError(f"onnxruntime cannot load {label}: {_first_line(exc)}") from exc
     if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != providers[0]:
         raise UsageError(f"onnxruntime could not place {label} on CUDA (got {session.get_providers()})")
     return session
@@ -213,8 +213,13 @@ def _prepare(model: ModelSource, index: int,
     try:
         graph_model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise UsageError(f"cannot read {path} as an ONNX model: {exc}") from exc
+        raise UsageError(f"cannot read {path} as an ONNX model: {_first_line(exc)}") from exc
     return path, path, graph_model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def fits_in_protobuf(model: onnx.ModelProto) -> bool:
