@@ -32,11 +32,12 @@ examples:
   graphfold model.onnx -o model.folded.onnx
   graphfold model.onnx -o out.onnx --input-shape input:1,3,224,224 --report report.json
   graphfold model.onnx -o out.onnx --skip-passes fold-affine --no-check
+  graphfold model.onnx -o out.onnx --calibration cal.npz --tolerance 1e-2 --epsilon 1e-4 --snap-slope 0.99
 
 Every rewrite graphfold makes by default is exact: outputs equal up to float rounding.
 The result is checked against the original with onnxruntime (optimizations off on both
-sides, seeded random inputs); if it does not match, nothing is written and the exit code
-is 1. Exit codes: 0 done, 1 validation failed, 2 bad input or usage, 3 internal error.
+sides, seeded random inputs); if it does not match, the model is not written (a --report
+still records why) and the exit code is 1. Exit codes: 0 done, 1 validation failed, 2 bad input or usage, 3 internal error.
 """
 
 
@@ -83,6 +84,42 @@ def _pass_selection(parser: argparse.ArgumentParser) -> None:
                         help="do every exact merge, even where the cost model predicts it is slower")
 
 
+def _approximate(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "approximate folding (off by default)",
+        "Rewrites that change the outputs, each measured on calibration data; all of them together stay "
+        "within --tolerance, and the result is validated on that data at that tolerance (offenders are "
+        "found by bisection and undone). The report lists the error each one adds, and the total.")
+    group.add_argument("--calibration", metavar="FILE.npz",
+                       help="real inputs, one array per graph input keyed by its name, samples on the first "
+                            "axis (a .npy for a single-input model); an optional 'labels' array. Without it, "
+                            "seeded random inputs stand in and the decisions are weaker")
+    group.add_argument("--labels", metavar="FILE.npy",
+                       help="one class per calibration sample: report top-1 accuracy before and after")
+    group.add_argument("--tolerance", type=float, default=0.0, metavar="T",
+                       help="largest relative output error accepted for the whole model, max|y' - y| / max|y| "
+                            "per output on the calibration data (default 0: exact rewrites only)")
+    group.add_argument("--snap-slope", type=float, metavar="A",
+                       help="remove PRelu/LeakyRelu whose slopes all lie within 1 - A of 1 (Layer Folding), "
+                            "and Relus never negative on the calibration data; the exact merges then apply")
+    group.add_argument("--epsilon", type=float, metavar="E",
+                       help="drop residual branches F with max|F| <= E on the calibration data (epsilon-ResNet)")
+    group.add_argument("--drop-branches", type=int, default=0, metavar="N",
+                       help="drop the N least important residual branches (Network Implosion): importance is "
+                            "a learned branch scale in the graph, else the branch's measured share of its block")
+    group.add_argument("--target-depth", type=int, metavar="D",
+                       help="keep dropping the least important branches until the depth is at most D")
+    group.add_argument("--allow-border", action="store_true",
+                       help="merge a padded kxk conv after a kxk conv, which is exact in the interior only, "
+                            "where the measured error allows (with the cost model's consent, or --fold-all)")
+
+
+def _approximate_kwargs(args: argparse.Namespace) -> dict:
+    return {"calibration": args.calibration, "labels": args.labels, "tolerance": args.tolerance,
+            "snap_slope": args.snap_slope, "epsilon": args.epsilon, "drop_branches": args.drop_branches,
+            "target_depth": args.target_depth, "allow_border": args.allow_border}
+
+
 def main_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphfold", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MAIN_EPILOG,
@@ -97,6 +134,7 @@ def main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-passes", action="store_true", help="list the passes in pipeline order and exit")
     parser.add_argument("--version", action="version", version=f"graphfold {__version__}")
     _pass_selection(parser)
+    _approximate(parser)
     _common(parser)
     return parser
 
@@ -126,7 +164,8 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
     try:
         model, report = api.fold(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
                                  fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
-                                 check=not args.no_check, progress=console.progress)
+                                 check=not args.no_check, progress=console.progress,
+                                 **_approximate_kwargs(args))
     except ValidationError as exc:
         report = getattr(exc, "report", None)
         if report is not None:
@@ -183,12 +222,14 @@ def run_inspect(argv: Sequence[str]) -> int:
     parser.add_argument("input", help="the ONNX model")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     _pass_selection(parser)
+    _approximate(parser)
     _common(parser)
     args = parser.parse_args(argv)
     console = Console(args.quiet)
     _logging(args.verbose)
     report = api.inspect(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
-                         fold_all=args.fold_all, input_shapes=_shapes(args.input_shape))
+                         fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
+                         **_approximate_kwargs(args))
     if args.json:
         console.out(report.to_json())
         return 0

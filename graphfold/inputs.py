@@ -82,6 +82,16 @@ def check_names(model: onnx.ModelProto, input_shapes: ShapeMap | None) -> None:
                          f"(inputs: {', '.join(names) or 'none'})")
 
 
+def check_input_shapes(model: onnx.ModelProto, input_shapes: ShapeMap | None) -> None:
+    """Refuse user shapes that name no input or contradict the model, whatever runs next."""
+    if not input_shapes:
+        return
+    check_names(model, input_shapes)
+    for vi in real_inputs(model.graph):
+        if vi.name in input_shapes:
+            resolve_shape(vi, input_shapes)
+
+
 def resolve_shapes(model: onnx.ModelProto, input_shapes: ShapeMap | None = None,
                    batch: int | None = None) -> dict[str, list[int]]:
     """Concrete dims for every run-time input of ``model``."""
