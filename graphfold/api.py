@@ -8,9 +8,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphfold.approx import ApproximateStage, ApproxOptions
+from graphfold.calibration import CalibrationSource, load_calibration
 from graphfold.engine import FoldContext, FoldOptions, run_pipeline
 from graphfold.errors import ValidationError
-from graphfold.inputs import ShapeMap, resolve_shapes
+from graphfold.inputs import ShapeMap, check_input_shapes, resolve_shapes
 from graphfold.io import load_model
 from graphfold.passes import build_pipeline
 from graphfold.report import Report
@@ -33,25 +35,40 @@ def as_model(model: onnx.ModelProto | str) -> onnx.ModelProto:
 def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, skip_passes: Sequence[str] = (),
          fold_all: bool = False, input_shapes: ShapeMap | None = None, check: bool = True,
          rtol: float = DEFAULT_RTOL, seeds: Sequence[int] = DEFAULT_SEEDS,
-         progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+         progress: Callable[[str], None] | None = None, calibration: CalibrationSource = None,
+         labels: str | np.ndarray | None = None, tolerance: float = 0.0, snap_slope: float | None = None,
+         epsilon: float | None = None, drop_branches: int = 0, target_depth: int | None = None,
+         allow_border: bool = False, approx_options: ApproxOptions | None = None) -> tuple[onnx.ModelProto, Report]:
     """Fold ``model`` and, unless ``check`` is False, validate the result against it.
 
     Returns the optimized model and its ``Report``. Raises ``ValidationError`` (carrying the
     report as ``.report``) when the result does not match the original, ``UsageError`` for
     bad input. The input model is never modified.
+
+    Approximate folding is off unless asked for (``snap_slope``, ``epsilon``, ``drop_branches``,
+    ``target_depth``, ``allow_border``, or all of them through ``approx_options``): every
+    approximation is measured on ``calibration`` data (an ``.npz`` path or arrays keyed by input
+    name; seeded random inputs without it) and all of them together stay within ``tolerance``,
+    the largest accepted ``max|y' - y| / max|y|`` per output. Such a result is validated on the
+    calibration data at ``tolerance``, whatever ``check`` says.
     """
     original = as_model(model)
+    check_input_shapes(original, input_shapes)
     pipeline = build_pipeline(passes, skip_passes)
+    options = approx_options or ApproxOptions(tolerance, snap_slope, epsilon, drop_branches, target_depth,
+                                              allow_border)
+    options.check()
     concrete = infer_concrete(original, input_shapes)
     report = Report(before=model_stats(original, concrete), after={},
                     input_shapes=_safe_resolve(original, input_shapes))
-    graph = gs.import_onnx(original)
-    ctx = FoldContext(graph, FoldOptions(fold_all=fold_all), infer_static(original), concrete)
-    report.rewrites = run_pipeline(ctx, pipeline, progress)
-    report.declines = list(ctx.declines)
-    folded = export(graph, original) if report.rewrites else _copy(original)
+    if options.requested or options.tolerance > 0 or calibration is not None or labels is not None:
+        folded = _fold_approximate(original, report, options, calibration, labels, passes, skip_passes, fold_all,
+                                   input_shapes, progress)
+    else:
+        folded, report.rewrites, report.declines = _fold_exact(original, pipeline, fold_all, input_shapes, progress,
+                                                               concrete)
     report.after = model_stats(folded, infer_concrete(folded, input_shapes))
-    if check:
+    if check and report.validation is None:
         report.validation = compare_models(original, folded, input_shapes=input_shapes, seeds=seeds,
                                            rtol=rtol, progress=progress)
         if not report.validation.passed:
@@ -61,12 +78,46 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     return folded, report
 
 
+def _fold_exact(original: onnx.ModelProto, pipeline: Sequence, fold_all: bool, input_shapes: ShapeMap | None,
+                progress: Callable[[str], None] | None, concrete: Mapping | None = None):
+    """The exact pipeline on ``original``: the folded model, its rewrites and the last round's declines."""
+    graph = gs.import_onnx(original)
+    concrete = concrete if concrete is not None else infer_concrete(original, input_shapes)
+    ctx = FoldContext(graph, FoldOptions(fold_all=fold_all), infer_static(original), concrete)
+    rewrites = run_pipeline(ctx, pipeline, progress)
+    folded = export(graph, original) if rewrites else _copy(original)
+    return folded, rewrites, list(ctx.declines)
+
+
+def _fold_approximate(original: onnx.ModelProto, report: Report, options: ApproxOptions,
+                      calibration: CalibrationSource, labels, passes, skip_passes, fold_all: bool,
+                      input_shapes: ShapeMap | None, progress) -> onnx.ModelProto:
+    """The exact pipeline plus the measured approximate stage; fills the report's approximate fields."""
+    data = load_calibration(calibration, original, labels=labels, input_shapes=input_shapes)
+    report.calibration = data.info()
+
+    def exact(model: onnx.ModelProto):
+        return _fold_exact(model, build_pipeline(passes, skip_passes), fold_all, input_shapes, None)
+
+    stage = ApproximateStage(original, options, data, exact, export, input_shapes, fold_all, progress)
+    outcome = stage.run()
+    report.rewrites, report.declines = outcome.rewrites, outcome.declines
+    report.approximate, report.accuracy = outcome.info, outcome.accuracy
+    report.notes.extend(data.notes + outcome.info.get("notes", []))
+    if outcome.validation is not None:
+        report.validation = outcome.validation
+        report.notes.append(f"validated on the {data.samples} calibration samples at --tolerance "
+                            f"{options.tolerance:g}, not on random inputs: the result is approximate")
+    return outcome.model
+
+
 def inspect(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None,
             skip_passes: Sequence[str] = (), fold_all: bool = False,
-            input_shapes: ShapeMap | None = None) -> Report:
-    """What ``fold`` would do: its rewrites and every decline with its reason; nothing is validated."""
+            input_shapes: ShapeMap | None = None, **approximate) -> Report:
+    """What ``fold`` would do: its rewrites and every decline with its reason. Nothing is validated,
+    except that approximate rewrites (``approximate``: ``fold``'s keyword arguments) are measured."""
     return fold(model, passes=passes, skip_passes=skip_passes, fold_all=fold_all,
-                input_shapes=input_shapes, check=False)[1]
+                input_shapes=input_shapes, check=False, **approximate)[1]
 
 
 def check(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, *,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from graphfold.engine import Decline, Rewrite
 from graphfold.validate import ValidationResult
 
+MAX_LISTED = 12
 STAT_ROWS = (("nodes", "nodes"), ("convs", "convs"), ("depth", "depth"), ("params", "params"), ("macs", "MACs"))
 
 
@@ -20,6 +21,9 @@ class Report:
     validation: ValidationResult | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # the data approximations were measured on (Calibration.info())
+    approximate: dict | None = None  # tolerance, measured errors, rollbacks (graphfold.approx)
+    accuracy: dict | None = None  # top-1 before/after on labelled calibration data
 
     def counts(self) -> Counter:
         """Rewrites per pass name."""
@@ -35,6 +39,9 @@ class Report:
             "validation": validation,
             "input_shapes": self.input_shapes,
             "notes": self.notes,
+            "calibration": self.calibration,
+            "approximate": self.approximate,
+            "accuracy": self.accuracy,
         }
 
     def to_json(self) -> str:
@@ -57,17 +64,53 @@ class Report:
             lines.extend(f"  {name:28} {count}" for name, count in counts.items())
         else:
             lines.append("rewrites: none")
-        reasons = Counter((d.pass_name, d.reason) for d in self.declines)
+        approximate = set((self.approximate or {}).get("passes", ()))
+        reasons = Counter((d.pass_name, d.reason) for d in self.declines if d.pass_name not in approximate)
         if reasons:
             lines.append("declined:")
             for (name, reason), count in reasons.most_common(8):
                 lines.append(f"  {name:28} {count}  ({reason})")
             if len(reasons) > 8:
                 lines.append(f"  ... {len(reasons) - 8} more reasons; see graphfold inspect")
+        if self.approximate is not None and self.approximate.get("requested"):
+            lines.extend(self._approximate_lines(approximate))
+        if self.accuracy is not None and self.accuracy.get("before") is not None:
+            after = self.accuracy.get("after")
+            lines.append(f"top-1 accuracy on {self.accuracy['samples']} labelled calibration samples: "
+                         f"{self.accuracy['before']:.2%} -> {'?' if after is None else format(after, '.2%')}")
         if self.validation is not None:
             lines.append(self.validation.summary())
         lines.extend(self.notes)
         return "\n".join(lines)
+
+    def _approximate_lines(self, passes: set[str]) -> list[str]:
+        """Per approximate rewrite the error it added, the total, and every approximate decline."""
+        info, calibration = self.approximate, self.calibration or {}
+        source = "seeded random inputs" if calibration.get("random") else calibration.get("source", "?")
+        lines = [f"approximate folding (--tolerance {info.get('tolerance', 0):g}; measured on "
+                 f"{calibration.get('samples', '?')} samples of {source}):"]
+        kept = [r for r in self.rewrites if not r.exact]
+        for r in kept[:MAX_LISTED]:
+            lines.append(f"  {r.pass_name:22} +{r.error_bound or 0:.2e}  {_first_node(r.nodes_removed)}: {r.detail}")
+        if len(kept) > MAX_LISTED:
+            lines.append(f"  ... {len(kept) - MAX_LISTED} more approximate rewrites; see --report")
+        total = info.get("measured_error")
+        if total is not None:
+            lines.append(f"  total relative output error {total:.3g} (tolerance {info.get('tolerance', 0):g}, "
+                         f"exact folds alone {info.get('base_error', 0):.3g})")
+        elif not kept:
+            lines.append("  none kept")
+        declined = [d for d in self.declines if d.pass_name in passes]
+        if declined:
+            lines.append(f"  declined ({len(declined)}):")
+            lines.extend(f"    {d.pass_name:22} {', '.join(d.nodes)}: {d.reason}" for d in declined[:MAX_LISTED])
+            if len(declined) > MAX_LISTED:
+                lines.append(f"    ... {len(declined) - MAX_LISTED} more; see --report or graphfold inspect")
+        return lines
+
+
+def _first_node(names: list[str]) -> str:
+    return names[0] if names else "?"
 
 
 def _human(value) -> str:

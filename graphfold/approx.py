@@ -1,0 +1,493 @@
+"""The approximate stage: measured, budgeted rewrites on top of the exact pipeline.
+
+Nothing here runs unless asked for. The model is first folded exactly; candidates (activations
+with slopes near 1, epsilon-small and least-important residual branches, interior-exact conv
+merges; see :mod:`graphfold.passes.approximate`) are then found on it and measured on the
+calibration data. The output error is ``max|y' - y| / max|y|`` per output and batch, the same
+number the final validation checks, against the *original* model.
+
+Selection is greedy: candidates sorted by cost-model benefit per unit of error (each measured
+alone), accepted in groups while the measured total error stays within the tolerance, a failing
+group split in halves down to the candidate that breaks it. Ranked branch erasure then drops the
+least important branches one by one. After the exact pipeline runs again (removals expose
+merges), the result is validated on all the calibration data at the tolerance; if it fails,
+bisection over the kept rewrites finds each offender, which is undone and reported.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from graphfold.calibration import Calibration, top1_accuracy
+from graphfold.engine import Approx, Decline, FoldContext, FoldOptions, Pass, Reject, Rewrite
+from graphfold.errors import UsageError
+from graphfold.graph import const_value, producer
+from graphfold.inputs import ShapeMap
+from graphfold.passes.approximate import DropEpsilonBranch, DropResidualBranch, MergeConvBorder, Residual, \
+    SnapActivations, TensorStats, branch_nodes, find_residuals, node_cost
+from graphfold.shapes import infer_concrete, infer_static, skeleton
+from graphfold.stats import depth
+from graphfold.validate import Runner, ValidationResult, compare_models, compare_outputs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SELECTION_SAMPLES = 256
+APPROXIMATE_PASSES = [SnapActivations.name, DropEpsilonBranch.name, DropResidualBranch.name, MergeConvBorder.name]
+TINY_ERROR = 1e-12  # floor for benefit per unit of error, so error-free candidates rank first
+
+ExactFold = Callable[[onnx.ModelProto], "tuple[onnx.ModelProto, list[Rewrite], list[Decline]]"]
+Export = Callable[[gs.Graph, onnx.ModelProto], onnx.ModelProto]
+
+
+@dataclass
+class ApproxOptions:
+    """What the user asked for; every field off by default."""
+
+    tolerance: float = 0.0
+    snap_slope: float | None = None
+    epsilon: float | None = None
+    drop_branches: int = 0
+    target_depth: int | None = None
+    allow_border: bool = False
+    selection_samples: int = DEFAULT_SELECTION_SAMPLES  # greedy measurements; validation uses all
+
+    @property
+    def requested(self) -> bool:
+        return (self.snap_slope is not None or self.epsilon is not None or self.drop_branches > 0
+                or self.target_depth is not None or self.allow_border)
+
+    def check(self) -> None:
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise UsageError(f"--tolerance must be a finite number >= 0, got {self.tolerance}")
+        if self.snap_slope is not None and not 0 < self.snap_slope <= 1:
+            raise UsageError(f"--snap-slope must lie in (0, 1], got {self.snap_slope}")
+        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise UsageError(f"--epsilon must be a finite number >= 0, got {self.epsilon}")
+        if self.drop_branches < 0:
+            raise UsageError(f"--drop-branches must be >= 0, got {self.drop_branches}")
+        if self.target_depth is not None and self.target_depth < 1:
+            raise UsageError(f"--target-depth must be >= 1, got {self.target_depth}")
+        if self.selection_samples < 1:
+            raise UsageError(f"selection_samples must be >= 1, got {self.selection_samples}")
+
+
+@dataclass
+class Candidate:
+    """One approximate rewrite found on the exactly folded model, with what was measured."""
+
+    pass_name: str
+    key: tuple[str, ...]  # node names of its match, anchor first
+    stage: int  # 1: on the exact fold of the original; 2: on the exact re-fold after stage 1
+    benefit: float
+    bound: float  # what the statistics alone say (max|F|, |1 - a| * max(-x)); inf when unknown
+    importance: float | None = None
+    error: float = math.inf  # measured output error with it (alone, or after the ranked drops before it)
+    added: float = math.inf  # what it adds: ``error`` less the error measured without it
+
+    @property
+    def label(self) -> str:
+        return f"{self.pass_name} {', '.join(self.key)}"
+
+
+@dataclass
+class Built:
+    model: onnx.ModelProto
+    approximate: list[Rewrite]
+    exact: list[Rewrite]
+    declines: list[Decline]
+
+
+@dataclass
+class ApproxOutcome:
+    """What ``fold`` puts in the report."""
+
+    model: onnx.ModelProto
+    rewrites: list[Rewrite]
+    declines: list[Decline]
+    info: dict
+    validation: ValidationResult | None = None  # on calibration data, when approximations were kept
+    accuracy: dict | None = None
+
+
+class Measurer:
+    """Runs models on the calibration batches and compares them with the original's outputs."""
+
+    def __init__(self, original: onnx.ModelProto, calibration: Calibration, selection_samples: int) -> None:
+        self.calibration = calibration
+        self.reference = Runner(original, "original")
+        self.full = list(calibration.batches())
+        self._expected = [self.reference.run(b) for b in self.full]
+        if selection_samples >= calibration.samples:
+            self.selection, self._expected_selection = self.full, self._expected
+        else:
+            self.selection = list(calibration.batches(selection_samples))
+            self._expected_selection = [self.reference.run(b) for b in self.selection]
+
+    def error(self, model: onnx.ModelProto, full: bool = False) -> float:
+        """Worst ``max|y' - y| / max|y|`` over outputs and batches (inf if the model cannot run)."""
+        batches, expected_outputs = (self.full, self._expected) if full else \
+            (self.selection, self._expected_selection)
+        try:
+            runner = Runner(model, "approximate")
+            worst = 0.0
+            for batch, expected in zip(batches, expected_outputs):
+                got = runner.run(batch)
+                for name in self.reference.output_names:
+                    worst = max(worst, compare_outputs(name, expected[name], got[name], 0.0, 0.0).max_rel)
+            return worst
+        except Exception as exc:  # a candidate that breaks the model is just infinitely wrong
+            log.debug("measuring failed: %s", exc)
+            return math.inf
+
+    def statistics(self, model: onnx.ModelProto, names: Sequence[str]) -> dict[str, TensorStats]:
+        """Min, max, sum of squares of the named tensors over the selection batches."""
+        inputs = {vi.name for vi in model.graph.input}
+        extra = [n for n in dict.fromkeys(names) if n not in inputs]
+        runner = Runner(_with_outputs(model, extra), "instrumented")
+        stats = {n: TensorStats() for n in names}
+        for batch in self.selection:
+            got = runner.run(batch)
+            for name in stats:
+                value = batch.get(name) if name in inputs else got.get(name)
+                if value is not None:
+                    stats[name].add(value)
+        return stats
+
+    def accuracy(self, model: onnx.ModelProto) -> float | None:
+        runner = Runner(model, "optimized")
+        first = runner.output_names[0]
+        return top1_accuracy([runner.run(b)[first] for b in self.full], list(self.calibration.label_batches()))
+
+    def reference_accuracy(self) -> float | None:
+        first = self.reference.output_names[0]
+        return top1_accuracy([e[first] for e in self._expected], list(self.calibration.label_batches()))
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the named intermediate tensors."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    types = _elem_types(model)
+    for name in names:
+        if name not in present:
+            out.graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+    return out
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), check_type=False, strict_mode=False)
+    except Exception:
+        return {}
+    return {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+
+
+class ApproximateStage:
+    """One run of the approximate stage over an exactly folded model."""
+
+    def __init__(self, original: onnx.ModelProto, options: ApproxOptions, calibration: Calibration,
+                 exact: ExactFold, export: Export, input_shapes: ShapeMap | None = None,
+                 fold_all: bool = False, progress: Callable[[str], None] | None = None) -> None:
+        self.original, self.options, self.calibration = original, options, calibration
+        self.exact, self.export = exact, export
+        self.input_shapes, self.fold_all, self.progress = input_shapes, fold_all, progress
+        self.declines: list[Decline] = []
+        self.rolled_back: list[dict] = []
+        self.notes: list[str] = []
+        self.passes: dict[str, Pass] = {}
+        self._shapes: dict[tuple, tuple[dict, dict]] = {}
+
+    # --- building models from a kept set ------------------------------------------------------
+
+    def context(self, model: onnx.ModelProto, key: tuple) -> FoldContext:
+        if key not in self._shapes:
+            self._shapes[key] = (infer_static(model), infer_concrete(model, self.input_shapes))
+        static, concrete = self._shapes[key]
+        return FoldContext(gs.import_onnx(model), FoldOptions(fold_all=self.fold_all), static, concrete)
+
+    def apply(self, model: onnx.ModelProto, candidates: Sequence[Candidate], key: tuple) -> tuple[onnx.ModelProto, list[Rewrite]]:
+        """``model`` with ``candidates`` applied in order; those no longer found are skipped."""
+        if not candidates:
+            return model, []
+        ctx = self.context(model, key)
+        matches = {}
+        for name in dict.fromkeys(c.pass_name for c in candidates):
+            matches.update({(name, tuple(n.name for n in m.nodes)): m for m in self.passes[name].match(ctx)})
+        applied = []
+        for cand in candidates:
+            match = matches.get((cand.pass_name, cand.key))
+            alive = {id(n) for n in ctx.graph.nodes}
+            if match is None or any(id(n) not in alive or not n.outputs for n in match.nodes):
+                continue  # its nodes went with an earlier rewrite (a PRelu in a dropped branch)
+            ctx.refresh()
+            fold_pass = self.passes[cand.pass_name]
+            decision = fold_pass.check(ctx, match)
+            if isinstance(decision, Reject):
+                continue
+            change = fold_pass.rewrite(ctx, match, decision)
+            ctx.graph.cleanup()
+            applied.append(Rewrite(cand.pass_name, [n.name for n in change.removed], [n.name for n in change.added],
+                                   exact=False, error_bound=cand.added,
+                                   detail=change.detail))
+        ctx.graph.cleanup().toposort()
+        return self.export(ctx.graph, model), applied
+
+    def build(self, kept: Sequence[Candidate], refold: bool = True) -> Built:
+        first = [c for c in kept if c.stage == 1]
+        second = [c for c in kept if c.stage == 2]
+        model, approximate = self.apply(self.base, first, ("base",))
+        exact, declines = [], []
+        if refold or second:
+            model, exact, declines = self.exact(model)
+        if second:
+            model, more = self.apply(model, second, ("stage1",) + tuple(c.key for c in first))
+            approximate += more
+            if refold:
+                model, again, declines = self.exact(model)
+                exact += again
+        return Built(model, approximate, exact, declines)
+
+    # --- the stage ----------------------------------------------------------------------------
+
+    def run(self) -> ApproxOutcome:
+        options = self.options
+        self.base, base_rewrites, base_declines = self.exact(self.original)
+        info = {"tolerance": options.tolerance, "requested": options.requested, "passes": APPROXIMATE_PASSES}
+        if not options.requested:
+            if options.tolerance > 0:
+                self.notes.append("--tolerance alone changes nothing: ask for --snap-slope, --epsilon, "
+                                  "--drop-branches, --target-depth or --allow-border")
+            return self._outcome(self.base, base_rewrites, base_declines, [], info, measurer=None)
+        self._say("measuring on calibration data")
+        measurer = Measurer(self.original, self.calibration, options.selection_samples)
+        self.measurer = measurer
+        self.base_error = measurer.error(self.base)
+        info.update(selection_samples=min(options.selection_samples, self.calibration.samples),
+                    base_error=self.base_error)
+        pool, ranked = self._stage1_candidates()
+        kept: list[Candidate] = []
+        if options.tolerance <= 0:
+            for cand in pool + ranked:
+                self._decline(cand, f"approximate (statistic {cand.bound:.3g}); --tolerance 0 allows exact "
+                                    "rewrites only")
+        else:
+            self._measure_alone(pool, [])
+            self._accept_greedy(pool, kept)
+            self._drop_ranked(ranked, kept)
+            if options.allow_border:
+                border = self._border_candidates(kept)
+                self._measure_alone(border, kept)
+                self._accept_greedy(border, kept)
+        built, validation = self._validated(kept)
+        info.update(kept=len(kept), rolled_back=self.rolled_back,
+                    measured_error=validation.max_rel if validation is not None else None)
+        return self._outcome(built.model, base_rewrites + built.approximate + built.exact,
+                             built.declines if kept else base_declines, kept, info, measurer, validation)
+
+    def _outcome(self, model, rewrites, declines, kept, info, measurer, validation=None) -> ApproxOutcome:
+        info["notes"] = self.notes
+        accuracy = None
+        if measurer is None and self.calibration is not None and self.calibration.labels is not None:
+            measurer = Measurer(self.original, self.calibration, self.options.selection_samples)
+        if measurer is not None and self.calibration.labels is not None:
+            accuracy = {"before": measurer.reference_accuracy(), "after": measurer.accuracy(model),
+                        "samples": self.calibration.samples}
+        return ApproxOutcome(model, rewrites, list(declines) + self.declines, info, validation, accuracy)
+
+    def _stage1_candidates(self) -> tuple[list[Candidate], list[Candidate]]:
+        options = self.options
+        ctx = self.context(self.base, ("base",))
+        residuals = find_residuals(ctx.graph)
+        names = [r.add.inputs[r.branch].name for r in residuals] + [r.add.outputs[0].name for r in residuals]
+        if options.snap_slope is not None:
+            names += [n.inputs[0].name for n in ctx.graph.nodes if n.op in ("PRelu", "LeakyRelu", "Relu") and n.inputs]
+        stats = self.measurer.statistics(self.base, names)
+        pool: list[Candidate] = []
+        if options.snap_slope is not None:
+            self.passes[SnapActivations.name] = SnapActivations(stats, options.snap_slope)
+            pool += self._candidates(ctx, SnapActivations.name, 1, lambda m: node_cost(ctx, m.anchor))
+        branch_benefit = lambda m: _branch_benefit(ctx, m.data["residual"])  # noqa: E731
+        if options.epsilon is not None:
+            self.passes[DropEpsilonBranch.name] = DropEpsilonBranch(stats, options.epsilon)
+            pool += self._candidates(ctx, DropEpsilonBranch.name, 1, branch_benefit)
+        ranked: list[Candidate] = []
+        if options.drop_branches or options.target_depth is not None:
+            self.passes[DropResidualBranch.name] = DropResidualBranch(stats)
+            taken = {c.key for c in pool if c.pass_name == DropEpsilonBranch.name}
+            ranked = [c for c in self._candidates(ctx, DropResidualBranch.name, 1, branch_benefit) if c.key not in taken]
+            scales = learned_scales(self.original)
+            by_add = {(r.add.name,): r for r in residuals}
+            use_scales = bool(ranked) and all(c.key[0] in scales for c in ranked)
+            for cand in ranked:
+                residual = by_add[cand.key]
+                branch, out = stats[residual.add.inputs[residual.branch].name], stats[residual.add.outputs[0].name]
+                cand.importance = scales[cand.key[0]] if use_scales else \
+                    math.sqrt(branch.sum_squares / out.sum_squares) if out.sum_squares > 0 else math.inf
+            ranked.sort(key=lambda c: c.importance)
+            how = "learned branch scales" if use_scales else "measured contribution ||F|| / ||skip + F||"
+            self.notes.append(f"branch importance from {how}")
+        return pool, ranked
+
+    def _candidates(self, ctx: FoldContext, name: str, stage: int, benefit) -> list[Candidate]:
+        fold_pass = self.passes[name]
+        found = []
+        for match in fold_pass.match(ctx):
+            decision = fold_pass.check(ctx, match)
+            key = tuple(n.name for n in match.nodes)
+            if isinstance(decision, Reject):
+                self.declines.append(Decline(name, list(key), decision.reason))
+            elif isinstance(decision, Approx):
+                found.append(Candidate(name, key, stage, benefit(match), decision.bound))
+        return found
+
+    def _measure_alone(self, candidates: Sequence[Candidate], kept: Sequence[Candidate]) -> None:
+        """Each candidate's output error with it alone applied (on top of ``kept``)."""
+        reference = self._total(kept)
+        for index, cand in enumerate(candidates, 1):
+            self._say(f"measuring {index}/{len(candidates)}: {cand.label}")
+            cand.error = self.measurer.error(self.build([*kept, cand], refold=False).model)
+            cand.added = _added(cand.error, reference)
+
+    def _accept_greedy(self, pool: list[Candidate], kept: list[Candidate]) -> None:
+        """Accept candidates by benefit per unit of error while the total stays within tolerance."""
+        tolerance = self.options.tolerance
+        pool = sorted(pool, key=lambda c: (-c.benefit / max(c.added, TINY_ERROR), c.added))
+        remaining = max(tolerance - self._total(kept), 0.0)
+        viable = []
+        for cand in pool:
+            if cand.benefit <= 0 and not self.fold_all:
+                self._decline(cand, "does not pay by the cost model")
+            elif cand.error > tolerance:
+                self._decline(cand, f"would add error {cand.added:.3g} > remaining tolerance {remaining:.3g} "
+                                    f"(output error with it alone {cand.error:.3g} > --tolerance {tolerance:.3g})")
+            else:
+                viable.append(cand)
+
+        def attempt(group: list[Candidate]) -> None:
+            total = self.measurer.error(self.build([*kept, *group], refold=False).model)
+            if total <= tolerance:
+                kept.extend(group)
+            elif len(group) == 1:
+                self._decline(group[0], f"with the {len(kept)} rewrites kept before it the output error would be "
+                                        f"{total:.3g} > --tolerance {tolerance:.3g} (it alone adds "
+                                        f"{group[0].added:.3g})")
+            else:
+                attempt(group[:len(group) // 2])
+                attempt(group[len(group) // 2:])
+
+        if viable:
+            attempt(viable)
+
+    def _total(self, kept: Sequence[Candidate]) -> float:
+        return self.measurer.error(self.build(kept, refold=False).model) if kept else self.base_error
+
+    def _drop_ranked(self, ranked: list[Candidate], kept: list[Candidate]) -> None:
+        """Network Implosion: drop the least important branches, one by one, within tolerance."""
+        options, tolerance = self.options, self.options.tolerance
+        dropped, before = 0, self._total(kept)
+        for cand in ranked:
+            current = depth(self.build(kept).model.graph) if options.target_depth is not None else None
+            if dropped >= options.drop_branches and (current is None or current <= options.target_depth):
+                break
+            total = self.measurer.error(self.build([*kept, cand], refold=False).model)
+            cand.error, cand.added = total, _added(total, before)
+            if total <= tolerance:
+                kept.append(cand)
+                dropped, before = dropped + 1, total
+            else:
+                self._decline(cand, f"importance {cand.importance:.3g}: would add error {cand.added:.3g} > "
+                                    f"remaining tolerance {max(tolerance - before, 0.0):.3g}")
+        if dropped < options.drop_branches:
+            self.notes.append(f"--drop-branches {options.drop_branches}: dropped {dropped}; the other branches "
+                              "would break the tolerance")
+        if options.target_depth is not None:
+            reached = depth(self.build(kept).model.graph)
+            if reached > options.target_depth:
+                self.notes.append(f"--target-depth {options.target_depth} not reached: depth {reached}; dropping "
+                                  "more branches would break the tolerance")
+
+    def _border_candidates(self, kept: list[Candidate]) -> list[Candidate]:
+        first = [c for c in kept if c.stage == 1]
+        model = self.build(first).model
+        ctx = self.context(model, ("stage1",) + tuple(c.key for c in first))
+        self.passes[MergeConvBorder.name] = MergeConvBorder()
+        found = self._candidates(ctx, MergeConvBorder.name, 2, lambda m: m.data["benefit"])
+        # One merge per conv: overlapping pairs (a, b), (b, c) cannot both apply.
+        used, disjoint = set(), []
+        for cand in found:
+            if not used & set(cand.key):
+                used.update(cand.key)
+                disjoint.append(cand)
+        return disjoint
+
+    def _validated(self, kept: list[Candidate]) -> tuple[Built, ValidationResult | None]:
+        """The final model, validated on all calibration data; offenders found by bisection and undone."""
+        while kept:
+            built = self.build(kept)
+            result = self._validate(built.model)
+            if result.passed:
+                return built, result
+            # The shortest failing prefix ends with an offender (the empty prefix passes).
+            low, high = 0, len(kept)
+            while high - low > 1:
+                middle = (low + high) // 2
+                if self.measurer.error(self.build(kept[:middle]).model, full=True) <= self.options.tolerance:
+                    low = middle
+                else:
+                    high = middle
+            offender = kept.pop(high - 1)
+            error = self.measurer.error(self.build([*kept[:high - 1], offender]).model, full=True)
+            reason = (f"rolled back: on all {self.calibration.samples} calibration samples the output error with it "
+                      f"is {error:.3g} > --tolerance {self.options.tolerance:.3g} (the selection measured "
+                      f"{offender.error:.3g})")
+            self.rolled_back.append({"pass": offender.pass_name, "nodes": list(offender.key), "reason": reason})
+            self.declines.append(Decline(offender.pass_name, list(offender.key), reason))
+        return Built(self.base, [], [], []), None
+
+    def _validate(self, model: onnx.ModelProto) -> ValidationResult:
+        self._say("validating on calibration data")
+        return compare_models(self.original, model, feeds=self.calibration.batches(), rtol=self.options.tolerance,
+                              atol=0.0)
+
+    def _decline(self, cand: Candidate, reason: str) -> None:
+        self.declines.append(Decline(cand.pass_name, list(cand.key), reason))
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            self.progress(text)
+
+
+def _added(error: float, without: float) -> float:
+    """The error a rewrite adds over ``without``: never negative, inf when it breaks the model."""
+    return math.inf if math.isinf(error) else max(error - without, 0.0)
+
+
+def _branch_benefit(ctx: FoldContext, residual: Residual) -> float:
+    dead = branch_nodes(ctx.graph, residual, ctx.graph_outputs)
+    return node_cost(ctx, residual.add) + sum(node_cost(ctx, n) for n in dead)
+
+
+def learned_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """``|s|`` of residual branches that end in a multiplication by a scalar constant, by Add name.
+
+    Read from the original model: the exact pipeline folds such a scale into the conv before it.
+    """
+    graph = gs.import_onnx(model)
+    scales = {}
+    for residual in find_residuals(graph):
+        node = producer(residual.add.inputs[residual.branch])
+        if node is not None and node.op == "Mul" and len(node.inputs) == 2:
+            for tensor in node.inputs:
+                value = const_value(tensor)
+                if value is not None and value.size == 1:
+                    scales[residual.add.name] = float(abs(np.asarray(value, np.float64).reshape(-1)[0]))
+    return scales

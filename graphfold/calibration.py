@@ -1,0 +1,277 @@
+"""Calibration data: the inputs approximate rewrites are measured on.
+
+A ``.npz`` holds one array per run-time graph input, keyed by the input's name, samples on the
+first axis; an optional ``labels`` array (or a separate ``.npy``) holds one class per sample, for
+top-1 accuracy before and after. A model with a single input may take a plain ``.npy``. Without
+a file, seeded random inputs stand in, and every decision made on them is weaker: an
+approximation that is harmless on N(0, 1) noise need not be harmless on real data.
+
+Batches are cut from the arrays in order and at a fixed size (the model's own batch dim where it
+fixes one), so every measurement of one run sees exactly the same batches.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from graphfold.errors import UsageError
+from graphfold.inputs import ShapeMap, random_array, real_inputs, resolve_shape
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 16
+RANDOM_SAMPLES = 32
+LABELS_KEY = "labels"
+
+CalibrationSource = Union[str, os.PathLike, Mapping[str, np.ndarray], None]
+
+
+@dataclass
+class Calibration:
+    """Inputs keyed by graph input name (first axis = samples), optional labels, batching."""
+
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str  # the file, "arrays" for data given in memory, or "random"
+    batch_size: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return int(next(iter(self.arrays.values())).shape[0]) if self.arrays else 0
+
+    @property
+    def is_random(self) -> bool:
+        return self.source == "random"
+
+    def batches(self, samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of ``batch_size`` samples in order, covering the first ``samples`` (all by default)."""
+        total = self.samples if samples is None else min(samples, self.samples)
+        for start in range(0, total, self.batch_size):
+            stop = min(start + self.batch_size, total)
+            yield {name: array[start:stop] for name, array in self.arrays.items()}
+
+    def label_batches(self) -> Iterator[np.ndarray]:
+        if self.labels is None:
+            return
+        for start in range(0, self.samples, self.batch_size):
+            yield self.labels[start:start + self.batch_size]
+
+    def info(self) -> dict:
+        """What the report shows about the data the decisions were made on."""
+        return {
+            "source": self.source,
+            "random": self.is_random,
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "inputs": {name: list(array.shape) for name, array in self.arrays.items()},
+            "labels": self.labels is not None,
+            "notes": list(self.notes),
+        }
+
+
+def load_calibration(source: CalibrationSource, model: onnx.ModelProto, *,
+                     labels: str | os.PathLike | np.ndarray | None = None,
+                     input_shapes: ShapeMap | None = None, batch_size: int | None = None,
+                     random_samples: int = RANDOM_SAMPLES, seed: int = 0) -> Calibration:
+    """Calibration data for ``model``: from a file or arrays, else seeded random inputs.
+
+    Raises ``UsageError`` with one readable line for a missing or unreadable file, an input the
+    data lacks, arrays of the wrong rank, dims, dtype or sample count, or unusable labels.
+    """
+    inputs = real_inputs(model.graph)
+    if not inputs:
+        raise UsageError("the model has no run-time inputs to calibrate")
+    if source is None:
+        if labels is not None:
+            raise UsageError("--labels needs --calibration: labels for random inputs mean nothing")
+        return _random(model, input_shapes, batch_size, random_samples, seed)
+    what, arrays = _read(source, [vi.name for vi in inputs])
+    notes: list[str] = []
+    label_values = arrays.pop(LABELS_KEY, None) if LABELS_KEY not in {vi.name for vi in inputs} else None
+    if labels is not None:
+        label_values = _read_labels(labels)
+    missing = [vi.name for vi in inputs if vi.name not in arrays]
+    if missing:
+        keys = ", ".join(sorted(arrays)) or "none"
+        raise UsageError(f"{what}: no array for graph input {missing[0]!r} (arrays: {keys}; "
+                         f"inputs: {', '.join(vi.name for vi in inputs)})")
+    extra = sorted(set(arrays) - {vi.name for vi in inputs})
+    if extra:
+        notes.append(f"ignored arrays that are not graph inputs: {', '.join(extra)}")
+    checked = {vi.name: _checked_array(what, vi, arrays[vi.name], input_shapes, notes) for vi in inputs}
+    counts = {name: array.shape[0] for name, array in checked.items()}
+    if len(set(counts.values())) != 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise UsageError(f"{what}: inputs have different sample counts ({listed})")
+    size, fixed = _batch_size(inputs, batch_size)
+    if fixed:
+        checked = _whole_batches(what, checked, size, notes)
+    if label_values is not None:
+        label_values = _checked_labels(what, label_values, next(iter(checked.values())).shape[0], notes)
+    return Calibration(checked, label_values, what, size, notes)
+
+
+def _read(source: CalibrationSource, names: Sequence[str]) -> tuple[str, dict[str, np.ndarray]]:
+    if isinstance(source, Mapping):
+        return "calibration arrays", {str(k): np.asarray(v) for k, v in source.items()}
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: calibration file not found")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise UsageError(f"{path}: not a .npz/.npy file numpy can read ({_first_line(exc)})") from None
+    if isinstance(loaded, np.ndarray):
+        if len(names) != 1:
+            raise UsageError(f"{path}: a plain .npy serves a single-input model only; this one has "
+                             f"{len(names)} inputs, so give a .npz keyed by input name")
+        return path, {names[0]: loaded}
+    with loaded:
+        try:
+            return path, {key: loaded[key] for key in loaded.files}
+        except Exception as exc:
+            raise UsageError(f"{path}: cannot read its arrays ({_first_line(exc)})") from None
+
+
+def _read_labels(labels: str | os.PathLike | np.ndarray) -> np.ndarray:
+    if isinstance(labels, np.ndarray):
+        return labels
+    path = os.fspath(labels)
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: labels file not found")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise UsageError(f"{path}: not a .npy file numpy can read ({_first_line(exc)})") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        if LABELS_KEY in loaded.files or len(loaded.files) == 1:
+            return loaded[LABELS_KEY if LABELS_KEY in loaded.files else loaded.files[0]]
+    raise UsageError(f"{path}: a .npz of labels needs a single array or one named {LABELS_KEY!r}")
+
+
+def _checked_array(what: str, vi: onnx.ValueInfoProto, array: np.ndarray, input_shapes: ShapeMap | None,
+                   notes: list[str]) -> np.ndarray:
+    """``array`` as the input takes it: rank, fixed dims (and given --input-shape dims), dtype."""
+    name, tensor_type = vi.name, vi.type.tensor_type
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    if array.ndim == 0:
+        raise UsageError(f"{what}: array {name!r} is a scalar; the first axis must count samples")
+    if tensor_type.HasField("shape"):
+        dims = tensor_type.shape.dim
+        if len(dims) == 0:
+            raise UsageError(f"{what}: graph input {name!r} is a scalar and cannot be fed samples")
+        if array.ndim != len(dims):
+            raise UsageError(f"{what}: array {name!r} has shape {list(array.shape)} (rank {array.ndim}), "
+                             f"but the input has rank {len(dims)}: [samples, {_dims_text(dims[1:])}]")
+        given = list(input_shapes[name]) if input_shapes and name in input_shapes else None
+        for axis in range(1, len(dims)):
+            fixed = dims[axis].dim_value if dims[axis].HasField("dim_value") and dims[axis].dim_value > 0 else None
+            fixed = given[axis] if fixed is None and given else fixed
+            if fixed is not None and array.shape[axis] != fixed:
+                raise UsageError(f"{what}: array {name!r} has shape {list(array.shape)}, but the input's dim "
+                                 f"{axis} is {fixed}: expected [samples, {_dims_text(dims[1:])}]")
+    if array.shape[0] == 0:
+        raise UsageError(f"{what}: array {name!r} holds no samples")
+    if array.dtype != dtype:
+        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise UsageError(f"{what}: array {name!r} is {array.dtype.name}, the input takes {dtype.name}")
+        notes.append(f"{name}: converted {array.dtype.name} to {dtype.name}")
+        array = array.astype(dtype)
+    return np.ascontiguousarray(array)
+
+
+def _batch_size(inputs: Sequence[onnx.ValueInfoProto], requested: int | None) -> tuple[int, bool]:
+    """The model's fixed batch dim where it has one (and True), else ``requested`` or ``DEFAULT_BATCH``."""
+    fixed = set()
+    for vi in inputs:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            fixed.add(int(dims[0].dim_value))
+    if len(fixed) > 1:
+        raise UsageError(f"the model's inputs fix different batch sizes ({sorted(fixed)}); "
+                         "graphfold cannot cut calibration batches for it")
+    if fixed:
+        return fixed.pop(), True
+    if requested is not None and requested < 1:
+        raise UsageError(f"calibration batch size must be at least 1, got {requested}")
+    return requested or DEFAULT_BATCH, False
+
+
+def _whole_batches(what: str, arrays: dict[str, np.ndarray], size: int, notes: list[str]) -> dict[str, np.ndarray]:
+    """Drop a last partial batch: the model fixes its batch dim, so it cannot run one."""
+    count = next(iter(arrays.values())).shape[0]
+    keep = count - count % size
+    if keep == count:
+        return arrays
+    if keep == 0:
+        raise UsageError(f"{what}: {count} samples, but the model's batch dim is fixed at {size}")
+    notes.append(f"dropped the last {count - keep} samples: the model's batch dim is fixed at {size}")
+    return {name: array[:keep] for name, array in arrays.items()}
+
+
+def _checked_labels(what: str, labels: np.ndarray, samples: int, notes: list[str]) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        notes.append("labels are one-hot (or scores); using their argmax as the class")
+        labels = labels.argmax(axis=1)
+    elif labels.ndim == 2:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise UsageError(f"{what}: labels must be one class per sample, shape [samples], got {list(labels.shape)}")
+    if labels.shape[0] < samples:
+        raise UsageError(f"{what}: {labels.shape[0]} labels for {samples} samples")
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise UsageError(f"{what}: labels must be integer classes")
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise UsageError(f"{what}: labels must be integer classes, got {labels.dtype.name}")
+    return labels[:samples].astype(np.int64)
+
+
+def _random(model: onnx.ModelProto, input_shapes: ShapeMap | None, batch_size: int | None,
+            samples: int, seed: int) -> Calibration:
+    inputs = real_inputs(model.graph)
+    size, _ = _batch_size(inputs, batch_size)
+    samples = max(samples - samples % size, size)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for vi in inputs:
+        shape = resolve_shape(vi, input_shapes)
+        arrays[vi.name] = random_array(vi.type.tensor_type.elem_type, [samples, *shape[1:]], rng)
+    note = (f"no --calibration data: decisions were made on {samples} seeded random N(0, 1) inputs, which "
+            "are weaker evidence than real inputs")
+    return Calibration(arrays, None, "random", size, [note])
+
+
+def top1_accuracy(outputs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float | None:
+    """Share of samples whose largest score (over the classes axis 1, or the last) is the label."""
+    hits = total = 0
+    for scores, truth in zip(outputs, labels):
+        scores = np.asarray(scores)
+        if scores.ndim < 2 or scores.shape[0] != truth.shape[0]:
+            return None
+        flat = scores.reshape(scores.shape[0], scores.shape[1], -1)
+        if flat.shape[2] != 1:
+            return None
+        hits += int(np.count_nonzero(flat[:, :, 0].argmax(axis=1) == truth))
+        total += truth.shape[0]
+    return hits / total if total else None
+
+
+def _dims_text(dims) -> str:
+    return ", ".join(str(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                     for d in dims)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
