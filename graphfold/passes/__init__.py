@@ -11,6 +11,7 @@ from graphfold.passes.branches import DropZeroBranches, MergeParallelBranches
 from graphfold.passes.cleanup import FoldConstants, RemoveDeadNodes, RemoveIdentity
 from graphfold.passes.constant_maps import SinkConstantAdds
 from graphfold.passes.conv_chain import MergeConvChains
+from graphfold.passes.matmul_chain import MergeMatMulChains
 
 # Clean-up first so the folds see plain Conv -> op chains; affine maps fold into their
 # convs before branches are summed and chains composed. Every pass here is exact.
@@ -24,6 +25,7 @@ DEFAULT_PIPELINE: tuple[type[Pass], ...] = (
     DropZeroBranches,
     MergeParallelBranches,
     MergeConvChains,
+    MergeMatMulChains,
     SinkConstantAdds,
 )
 
