@@ -21,7 +21,8 @@ import onnx_graphsurgeon as gs
 
 from graphfold import cost, kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import conv_params, detach, is_shared, make_const, make_conv, make_var, sole_consumer
+from graphfold.graph import conv_params, detach, is_shared, make_const, make_conv, make_var, single_use_reason, \
+    sole_consumer
 
 
 @dataclass
@@ -41,6 +42,15 @@ def _link(ctx: FoldContext, node: gs.Node) -> gs.Node | None:
     if nxt is not None and nxt.op == "Conv" and nxt.inputs[0] is node.outputs[0]:
         return nxt
     return None
+
+
+def _blocked_link(ctx: FoldContext, node: gs.Node) -> tuple[gs.Node, gs.Node] | None:
+    """(node, a Conv reading its output) when that output has other readers or is a graph output."""
+    out = node.outputs[0]
+    if single_use_reason(out, ctx.graph_outputs) is None:
+        return None
+    nxt = next((n for n in out.outputs if n.op == "Conv" and n.inputs[0] is out), None)
+    return (node, nxt) if nxt is not None else None
 
 
 def conv_reason(ctx: FoldContext, node: gs.Node) -> str | None:
@@ -119,8 +129,15 @@ class MergeConvChains(Pass):
                 while id(chain[-1]) in followers:
                     chain.append(followers[id(chain[-1])])
                 yield Match(tuple(chain))
+            elif id(node) not in followers:
+                # A Conv -> Conv link that must keep its intermediate: declined, so inspect says why.
+                blocked = _blocked_link(ctx, node)
+                if blocked is not None:
+                    yield Match(blocked, {"blocked": single_use_reason(node.outputs[0], ctx.graph_outputs)})
 
     def check(self, ctx: FoldContext, match: Match) -> Decision:
+        if "blocked" in match.data:
+            return Reject(match.data["blocked"])
         chain = match.nodes
         for node in chain:
             reason = conv_reason(ctx, node)

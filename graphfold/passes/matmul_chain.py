@@ -21,7 +21,8 @@ import onnx_graphsurgeon as gs
 
 from graphfold import kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import const_value, detach, float_const, is_shared, make_const, make_var, sole_consumer
+from graphfold.graph import const_value, detach, float_const, is_shared, make_const, make_var, single_use_reason, \
+    sole_consumer
 
 
 @dataclass
@@ -150,14 +151,22 @@ class MergeMatMulChains(Pass):
             if nxt is not None and id(nxt) in layers and nxt.inputs[0] is layer.out:
                 followers[key] = layers[id(nxt)]
         starts = set(layers) - {id(layer.node) for layer in followers.values()}
-        for key in layers:
+        for key, layer in layers.items():
             if key in starts and key in followers:
-                chain = [layers[key]]
+                chain = [layer]
                 while id(chain[-1].node) in followers:
                     chain.append(followers[id(chain[-1].node)])
                 yield Match(tuple(n for layer in chain for n in layer.nodes), {"layers": chain})
+            elif key not in followers:
+                # A link that must keep its intermediate: declined, so inspect says why.
+                reason = single_use_reason(layer.out, ctx.graph_outputs)
+                nxt = next((n for n in layer.out.outputs if id(n) in layers and n.inputs[0] is layer.out), None)
+                if reason and nxt is not None:
+                    yield Match((*layer.nodes, nxt), {"blocked": reason})
 
     def check(self, ctx: FoldContext, match: Match) -> Decision:
+        if "blocked" in match.data:
+            return Reject(match.data["blocked"])
         layers: list[Layer] = match.data["layers"]
         reasons = [layer_reason(layer) for layer in layers]
         sizes = [_size(layer) if reason is None else (0, 0) for layer, reason in zip(layers, reasons)]

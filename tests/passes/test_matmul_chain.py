@@ -205,7 +205,13 @@ def two_layers_and(extra: str) -> onnx.ModelProto:
     return n.model("y")
 
 
-@pytest.mark.parametrize("extra", ["second-reader", "graph-output", "row-varying-add", "weight-on-the-left"])
+@pytest.mark.parametrize("extra, reason", [("second-reader", "intermediate 'a' is used by 2 nodes"),
+                                           ("graph-output", "intermediate 'a' is a graph output")])
+def test_declines_an_intermediate_that_must_stay(extra, reason):
+    assert_declines(two_layers_and(extra), CHAIN, reason)
+
+
+@pytest.mark.parametrize("extra", ["row-varying-add", "weight-on-the-left"])
 def test_not_a_chain(extra):
     model = two_layers_and(extra)
     folded, report = fold_only(model, CHAIN)
