@@ -139,15 +139,14 @@ class MergeConvChains(Pass):
         if "blocked" in match.data:
             return Reject(match.data["blocked"])
         chain = match.nodes
-        for node in chain:
-            reason = conv_reason(ctx, node)
-            if reason:
-                return Reject(reason)
-        params = [conv_params(n, _spatial(ctx, n.inputs[0])) for n in chain]
-        singles = [cost.conv_cost(p, ctx.concrete_shape(n.inputs[0])) for p, n in zip(params, chain)]
+        # A Conv that may not take part splits the chain; the parts around it may still merge.
+        reasons = [conv_reason(ctx, node) for node in chain]
+        params = [None if reason else conv_params(n, _spatial(ctx, n.inputs[0])) for n, reason in zip(chain, reasons)]
+        singles = [0.0 if p is None else cost.conv_cost(p, ctx.concrete_shape(n.inputs[0]))
+                   for p, n in zip(params, chain)]
         best, why = self._best_split(ctx, chain, params, singles)
         if all(seg.stop - seg.start == 1 for seg in best):
-            return Reject(why)
+            return Reject(next((reason for reason in reasons if reason), why))
         match.data["segments"] = best
         return Exact()
 
@@ -160,6 +159,8 @@ class MergeConvChains(Pass):
             state = Segment(start, start + 1, params[start], None, singles[start])
             options[(start, start + 1)] = state
             for stop in range(start + 2, n + 1):
+                if params[start] is None or params[stop - 1] is None:
+                    break
                 nxt = compose_exact(ctx, state, params[stop - 1], chain[start].inputs[0])
                 if isinstance(nxt, str):
                     why = why or nxt

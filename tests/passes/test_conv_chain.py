@@ -355,6 +355,18 @@ def test_declines_a_shared_weight():
     assert_declines(n.model("y", "z"), CHAIN, "Conv 'y' weight is shared with another node")
 
 
+def test_a_conv_that_may_not_merge_splits_the_chain():
+    # c's weight is shared, so c stays; a and b before it still merge.
+    n = Net([1, 4, 8, 8])
+    n.conv(n.conv(n.conv(n.x, "a", 4, 8, 3, pads=[1] * 4), "b", 8, 4, 1), "c", 4, 4, 1)
+    n.conv("x", "z", 4, 4, 1, weight="c.w")
+    model = n.model("c", "z")
+    folded, report = fold_only(model, CHAIN)
+    assert [r.nodes_removed for r in report.rewrites] == [["a", "b"]]
+    assert op_types(folded) == ["Conv", "Conv", "Conv"]
+    assert_same_outputs(model, folded)
+
+
 @pytest.mark.parametrize("outputs, reason", [(("y", "z"), "intermediate 'a' is used by 2 nodes"),
                                              (("y", "a"), "intermediate 'a' is a graph output")],
                          ids=["two-readers", "graph-output"])
