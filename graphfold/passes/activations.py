@@ -100,8 +100,9 @@ def _attr_text(node: gs.Node, name: str) -> str:
 
 def _shape_kept(ctx: FoldContext, x: gs.Tensor, value: np.ndarray) -> bool:
     """True when broadcasting ``value`` against x cannot change x's shape."""
-    if value.size == 1 and value.ndim <= 1:
+    if value.ndim == 0:
         return True
+    # Even a [1] constant grows a rank-0 input to rank 1.
     shape = ctx.static_shape(x)
     if shape is None or value.ndim > len(shape):
         return False

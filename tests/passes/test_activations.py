@@ -1,11 +1,12 @@
 """remove-identity-activations on 1-4 node graphs: identities go, anything that could change a value stays."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 from onnx import helper
 
-from tests.passes.test_conv_chain import assert_declines, assert_folds
+from tests.passes.test_conv_chain import Net, assert_declines, assert_folds
 from tests.util import fold_only, model_from_text, op_types
 
 ACT = ["remove-identity-activations"]
@@ -242,6 +243,13 @@ def test_declines_a_constant_that_grows_the_shape():
         [add] y = Add(x, c)
     }''')
     assert_declines(model, ACT, "Add constant broadcasts its input to a larger shape")
+
+
+def test_declines_a_one_element_constant_on_a_scalar():
+    # x * [1] is [1] for a rank-0 x: removing the Mul would change the output's shape.
+    n = Net([])
+    n.op("Mul", [n.op("Abs", ["x"], "a"), n.const("one", np.ones([1], np.float32))], "y")
+    assert_declines(n.model("y"), ACT, "Mul constant broadcasts its input to a larger shape")
 
 
 def test_declines_a_constant_of_another_dtype():
