@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -21,6 +22,41 @@ log = logging.getLogger(__name__)
 
 # Protobuf refuses to serialize a message of 2 GiB or more; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when ``model`` is too large for one protobuf message.
+
+    Estimated from tensor dims (weights dominate any model near the limit) instead of
+    ``ByteSize()``, which walks the whole message and costs as much as serializing it.
+    """
+    total = 0
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
+            continue  # not loaded: it stays where it is
+        itemsize = 8 if tensor.data_type in _WIDE_TYPES else 4
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        if total >= EXTERNAL_DATA_THRESHOLD:
+            return True
+    # Close to the limit, the exact size decides.
+    return total >= EXTERNAL_DATA_THRESHOLD // 2 and model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+
+
+_WIDE_TYPES = {onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+               onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128, onnx.TensorProto.STRING}
+
+
+def _tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _tensors(sub)
 
 
 def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
@@ -45,15 +81,21 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     if not model.HasField("graph"):
         raise UsageError(f"{path}: not an ONNX model (no graph)")
     if check:
-        check_model(model, path)
+        check_model(model, path, on_disk=True)
     return model
 
 
-def check_model(model: onnx.ModelProto, path: str = "model") -> None:
-    """Run ``onnx.checker`` and the opset test, turning failures into one ``UsageError`` line."""
+def check_model(model: onnx.ModelProto, path: str = "model", on_disk: bool = False) -> None:
+    """Run ``onnx.checker`` and the opset test, turning failures into one ``UsageError`` line.
+
+    With ``on_disk`` the checker reads ``path`` itself, which is faster than handing it the
+    in-memory model (it would serialize it first) and needs no copy of a model over 2 GB.
+    """
     _check_opsets(model, path)
     try:
-        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        if on_disk:
+            onnx.checker.check_model(path)
+        elif needs_external_data(model):
             # The checker serializes its argument; a large model must be checked from disk.
             with tempfile.TemporaryDirectory() as tmp:
                 tmp_path = os.path.join(tmp, "model.onnx")
@@ -126,7 +168,7 @@ def save_model(model: onnx.ModelProto, path: str) -> None:
 
 def _save(model: onnx.ModelProto, path: str) -> str | None:
     """Save, with external data when needed; returns the data file's name, if any."""
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if not needs_external_data(model):
         onnx.save_model(model, path)
         return None
     data_name = os.path.basename(path) + ".data"

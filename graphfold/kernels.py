@@ -215,9 +215,13 @@ def affine_after_conv(p: ConvParams, scale: np.ndarray | float, shift: np.ndarra
     """conv'(x) == scale[m]*conv(x) + shift[m]. Exact."""
     m = p.out_channels
     scale, shift = _per_channel(scale, m, "scale"), _per_channel(shift, m, "shift")
-    weight = _f64(p.weight) * scale.reshape(m, *[1] * (p.weight.ndim - 1))
+    # One product per weight, rounded once in the weight's precision (float32 for float16),
+    # as torch's fuse_conv_bn_weights and onnxruntime's own Conv+BN fusion do: a float64
+    # copy of every weight dominated the folding time of large models.
+    work = np.float64 if p.weight.dtype == np.float64 else np.float32
+    weight = p.weight.astype(work, copy=False) * scale.astype(work).reshape(m, *[1] * (p.weight.ndim - 1))
     bias = _f64(p.bias) * scale + shift
-    return replace(p, weight=weight.astype(p.weight.dtype), bias=bias.astype(p.weight.dtype))
+    return replace(p, weight=weight.astype(p.weight.dtype, copy=False), bias=bias.astype(p.weight.dtype))
 
 
 def affine_after_conv_transpose(

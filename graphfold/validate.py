@@ -19,7 +19,7 @@ import onnx
 
 from graphfold.errors import UsageError
 from graphfold.inputs import make_inputs, real_inputs, ShapeMap
-from graphfold.io import EXTERNAL_DATA_THRESHOLD, _save
+from graphfold.io import _save, needs_external_data
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Runner:
         options.log_severity_level = 3
         self._tmp = None
         try:
-            if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+            if needs_external_data(model):
                 self._tmp = tempfile.TemporaryDirectory()
                 path = os.path.join(self._tmp.name, "model.onnx")
                 _save(model, path)
