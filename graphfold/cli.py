@@ -132,6 +132,10 @@ def main_parser() -> argparse.ArgumentParser:
                                                          "every rewrite, declines, validation")
     parser.add_argument("--no-check", action="store_true", help="skip validation against the original")
     parser.add_argument("--list-passes", action="store_true", help="list the passes in pipeline order and exit")
+    parser.add_argument("--bench", action="store_true",
+                        help="after writing, compare onnxruntime latency of the input and the output "
+                             "(CPU, full optimization, interleaved rounds)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for --bench (default 1)")
     parser.add_argument("--version", action="version", version=f"graphfold {__version__}")
     _pass_selection(parser)
     _approximate(parser)
@@ -180,6 +184,14 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
     console.out(report.summary())
     if report.validation is None:
         console.out("validation skipped (--no-check)")
+    if args.bench:
+        from graphfold import bench
+
+        result = bench.bench([args.input, args.output], threads=args.threads,
+                             input_shapes=_shapes(args.input_shape),
+                             progress=lambda done, total: console.progress(f"timing round {done}/{total}"))
+        console.out("")
+        console.out(result.format_table())
     return 0
 
 

@@ -357,3 +357,12 @@ def test_script_validation_failure_exit_code(work):
     assert result.returncode == 1
     assert_one_error_line(result.stderr, "validation FAILED")
     assert not (work / "out.onnx").exists()
+
+
+def test_bench_flag_prints_a_latency_comparison(work, capsys):
+    code, out, _ = run(capsys, work / "in.onnx", "-o", work / "out.onnx", "--bench")
+    assert code == 0
+    table = out[out.index("median ms"):]
+    rows = [line for line in table.splitlines()[1:] if line.strip()]
+    assert [row.split()[0] for row in rows] == [str(work / "in.onnx"), str(work / "out.onnx")]
+    assert rows[0].split()[-1] == "1.000"  # the input is the baseline
