@@ -4,9 +4,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from onnx import helper
 
 from tests.passes.test_conv_chain import Net, assert_declines, assert_folds, conv_attrs
+from tests.util import assert_same_outputs, fold_only
 
 PARALLEL = ["merge-parallel-branches"]
 ZERO = ["drop-zero-branch"]
@@ -222,3 +225,38 @@ def test_zero_branch_declines_when_both_tensors_are_graph_outputs():
     n = Net([1, 8, 8, 8])
     n.op("Add", [n.op("Relu", ["x"], "r"), zero_conv(n, "x", "c")], "y")
     assert_declines(n.model("y", "r"), ZERO, "'r' and 'y' are both graph outputs")
+
+
+# --- any sum of branches that merges matches onnxruntime --------------------------------------
+
+branch_spec = st.fixed_dictionaries({
+    "kind": st.sampled_from(["conv", "conv", "identity", "batchnorm"]), "kernel": st.sampled_from([1, 2, 3, 5]),
+    "dilation": st.sampled_from([1, 2]), "pad_begin": st.integers(0, 2), "group": st.sampled_from([1, 4])})
+
+
+@settings(max_examples=25, deadline=None)
+@given(branches=st.lists(branch_spec, min_size=2, max_size=3), stride=st.sampled_from([1, 2]))
+def test_whatever_merges_matches_onnxruntime(branches, stride):
+    # Each conv gets the end padding that keeps its output at the size of the first branch's.
+    n = Net([1, 4, 9, 9])
+    size = None
+    terms = []
+    for index, spec in enumerate(branches):
+        if spec["kind"] != "conv":
+            # Identity and BatchNorm keep the 9x9 map.
+            assume(stride == 1 and size in (None, 9))
+            size = 9
+            terms.append("x" if spec["kind"] == "identity" else n.batchnorm("x", f"n{index}", 4))
+            continue
+        extent, begin = spec["dilation"] * (spec["kernel"] - 1) + 1, spec["pad_begin"]
+        end = (size - 1) * stride + extent - 9 - begin if size is not None else begin
+        assume(end >= 0 and 9 + begin + end >= extent)
+        size = (9 + begin + end - extent) // stride + 1
+        terms.append(n.conv("x", f"c{index}", 4, 4, spec["kernel"], group=spec["group"], strides=[stride] * 2,
+                            dilations=[spec["dilation"]] * 2, pads=[begin, begin, end, end]))
+    assume(any(spec["kind"] == "conv" for spec in branches))
+    n.op("Sum", terms, "y")
+    model = n.model("y")
+    folded, report = fold_only(model, PARALLEL, fold_all=True)
+    assert len(report.rewrites) + len(report.declines) >= 1
+    assert_same_outputs(model, folded, seeds=(0,))
