@@ -3,8 +3,9 @@
 
 Builds synthetic ResNet-style models in a temp dir (no downloads): about 100 MB by default and,
 with --big, one over the 2 GB protobuf limit stored with external data. Each optimizer then runs
-file-to-file in its own subprocess, so its peak RSS is its own (``ru_maxrss``, measured after its
-imports so that "extra" is what the model cost) and a crash or hang is recorded, not fatal.
+file-to-file in its own subprocess, so its peak RSS is its own (VmHWM; "extra" is the peak above
+what the process held after its imports: what the model cost) and a crash or hang is recorded,
+not fatal.
 Times cover load, optimize and save, not the Python imports.
 
     python tools/speed_benchmark.py            # ~100 MB model, every optimizer
@@ -33,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from graphfold.bench import PROTO_LIMIT, fits_in_protobuf  # noqa: E402
+
 OPSET = 17
 CLASSES = 10
 
