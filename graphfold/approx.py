@@ -227,11 +227,13 @@ class ApproximateStage:
             match = matches.get((cand.pass_name, cand.key))
             alive = {id(n) for n in ctx.graph.nodes}
             if match is None or any(id(n) not in alive or not n.outputs for n in match.nodes):
+                log.debug("skip %s: gone", cand.label)
                 continue  # its nodes went with an earlier rewrite (a PRelu in a dropped branch)
             ctx.refresh()
             fold_pass = self.passes[cand.pass_name]
             decision = fold_pass.check(ctx, match)
             if isinstance(decision, Reject):
+                log.debug("skip %s: %s", cand.label, decision.reason)
                 continue
             change = fold_pass.rewrite(ctx, match, decision)
             ctx.graph.cleanup()
@@ -242,7 +244,8 @@ class ApproximateStage:
         return self.export(ctx.graph, model), applied
 
     def build(self, kept: Sequence[Candidate], refold: bool = True) -> Built:
-        first = [c for c in kept if c.stage == 1]
+        # Branch drops before activations: a PRelu inside a dropped branch then goes with it.
+        first = sorted((c for c in kept if c.stage == 1), key=lambda c: c.pass_name == SnapActivations.name)
         second = [c for c in kept if c.stage == 2]
         model, approximate = self.apply(self.base, first, ("base",))
         exact, declines = [], []
@@ -299,8 +302,11 @@ class ApproximateStage:
         if measurer is None and self.calibration is not None and self.calibration.labels is not None:
             measurer = Measurer(self.original, self.calibration, self.options.selection_samples)
         if measurer is not None and self.calibration.labels is not None:
-            accuracy = {"before": measurer.reference_accuracy(), "after": measurer.accuracy(model),
-                        "samples": self.calibration.samples}
+            before = measurer.reference_accuracy()
+            if before is None:
+                self.notes.append("labels given, but the first output has no classes axis to score: no accuracy")
+            else:
+                accuracy = {"before": before, "after": measurer.accuracy(model), "samples": self.calibration.samples}
         return ApproxOutcome(model, rewrites, list(declines) + self.declines, info, validation, accuracy)
 
     def _stage1_candidates(self) -> tuple[list[Candidate], list[Candidate]]:

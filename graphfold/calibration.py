@@ -182,7 +182,8 @@ def _checked_array(what: str, vi: onnx.ValueInfoProto, array: np.ndarray, input_
     if array.shape[0] == 0:
         raise UsageError(f"{what}: array {name!r} holds no samples")
     if array.dtype != dtype:
-        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        # Only within a kind: integer pixels fed to a float input usually mean missing preprocessing.
+        if array.dtype.kind != dtype.kind or not np.can_cast(array.dtype, dtype, casting="same_kind"):
             raise UsageError(f"{what}: array {name!r} is {array.dtype.name}, the input takes {dtype.name}")
         notes.append(f"{name}: converted {array.dtype.name} to {dtype.name}")
         array = array.astype(dtype)

@@ -91,7 +91,7 @@ class Report:
                  f"{calibration.get('samples', '?')} samples of {source}):"]
         kept = [r for r in self.rewrites if not r.exact]
         for r in kept[:MAX_LISTED]:
-            lines.append(f"  {r.pass_name:22} +{r.error_bound or 0:.2e}  {_first_node(r.nodes_removed)}: {r.detail}")
+            lines.append(f"  {r.pass_name:20} +{r.error_bound or 0:.2e}  {r.detail}")
         if len(kept) > MAX_LISTED:
             lines.append(f"  ... {len(kept) - MAX_LISTED} more approximate rewrites; see --report")
         total = info.get("measured_error")
@@ -103,14 +103,10 @@ class Report:
         declined = [d for d in self.declines if d.pass_name in passes]
         if declined:
             lines.append(f"  declined ({len(declined)}):")
-            lines.extend(f"    {d.pass_name:22} {', '.join(d.nodes)}: {d.reason}" for d in declined[:MAX_LISTED])
+            lines.extend(f"    {d.pass_name:20} {', '.join(d.nodes)}: {d.reason}" for d in declined[:MAX_LISTED])
             if len(declined) > MAX_LISTED:
                 lines.append(f"    ... {len(declined) - MAX_LISTED} more; see --report or graphfold inspect")
         return lines
-
-
-def _first_node(names: list[str]) -> str:
-    return names[0] if names else "?"
 
 
 def _human(value) -> str:

@@ -193,15 +193,18 @@ class DropResidualBranch(Pass):
 
     def match(self, ctx: FoldContext):
         for residual in find_residuals(ctx.graph):
-            yield Match((residual.add,), {"residual": residual})
+            # Statistics are keyed by the tensors as measured; earlier rewrites may rename them.
+            branch = residual.add.inputs[residual.branch]
+            yield Match((residual.add,), {"residual": residual, "stats": self.stats.get(branch.name),
+                                          "branch": branch.name})
 
     def check(self, ctx: FoldContext, match: Match) -> Decision:
         residual: Residual = match.data["residual"]
         add = residual.add
-        skip, branch, out = add.inputs[residual.skip], add.inputs[residual.branch], add.outputs[0]
-        stats = self.stats.get(branch.name)
+        skip, out = add.inputs[residual.skip], add.outputs[0]
+        stats: TensorStats | None = match.data["stats"]
         if stats is None or not stats.count:
-            return Reject(f"branch {branch.name!r} was not measured on the calibration data")
+            return Reject(f"branch {match.data['branch']!r} was not measured on the calibration data")
         if self.epsilon is not None and stats.max_abs > self.epsilon:
             return Reject(f"max|F| = {stats.max_abs:.3g} > --epsilon {self.epsilon:.3g}")
         if not _same_shape(ctx, skip, out):
@@ -212,12 +215,11 @@ class DropResidualBranch(Pass):
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         residual: Residual = match.data["residual"]
         add = residual.add
-        branch = add.inputs[residual.branch]
         dead = branch_nodes(ctx.graph, residual, ctx.graph_outputs)
         bypass(add, add.inputs[residual.skip], add.outputs[0], ctx.graph_outputs)
         layers = sum(1 for n in dead if n.op in LAYER_OPS)
-        return Change([add, *dead], [], f"dropped residual branch {branch.name!r} ({layers} layers) of "
-                                        f"{add.op} {add.name!r}: max|F| {decision.bound:.3g} on calibration data")
+        return Change([add, *dead], [], f"dropped the residual branch of {add.op} {add.name!r} ({layers} layers, "
+                                        f"{len(dead)} nodes): max|F| {decision.bound:.3g} on calibration data")
 
 
 class DropEpsilonBranch(DropResidualBranch):
@@ -238,19 +240,17 @@ class SnapActivations(Pass):
     def match(self, ctx: FoldContext):
         for node in ctx.graph.nodes:
             if node.op in ("PRelu", "LeakyRelu", "Relu") and node.inputs and len(node.outputs) == 1:
-                if node.op != "Relu" or self._never_negative(node):
-                    yield Match((node,))
-
-    def _never_negative(self, node: gs.Node) -> bool:
-        stats = self.stats.get(node.inputs[0].name)
-        return stats is not None and stats.count > 0 and stats.minimum >= 0
+                # Statistics are keyed by the tensors as measured; earlier rewrites may rename them.
+                stats = self.stats.get(node.inputs[0].name)
+                if node.op != "Relu" or (stats is not None and stats.count > 0 and stats.minimum >= 0):
+                    yield Match((node,), {"stats": stats, "input": node.inputs[0].name})
 
     def check(self, ctx: FoldContext, match: Match) -> Decision:
         node = match.anchor
         x, y = node.inputs[0], node.outputs[0]
-        stats = self.stats.get(x.name)
+        stats: TensorStats | None = match.data["stats"]
         if stats is None or not stats.count:
-            return Reject(f"input {x.name!r} was not measured on the calibration data")
+            return Reject(f"input {match.data['input']!r} was not measured on the calibration data")
         if node.op == "Relu":
             slopes = np.zeros(1)
         elif node.op == "LeakyRelu":
@@ -275,7 +275,7 @@ class SnapActivations(Pass):
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         node = match.anchor
         x = node.inputs[0]
-        low = self.stats[x.name].minimum
+        low = match.data["stats"].minimum
         bypass(node, x, node.outputs[0], ctx.graph_outputs)
         what = "never negative" if node.op == "Relu" else f"change bounded by {decision.bound:.3g}"
         return Change([node], [], f"removed {node.op} {node.name!r}: input min {low:.3g} on calibration "
@@ -335,4 +335,5 @@ class MergeConvBorder(Pass):
         conv = make_conv(ctx.scope, f"{first.name}_border_merged", x, out, merged, merged.weight.dtype)
         ctx.graph.nodes.append(conv)
         size = "x".join(str(e) for e in merged.extent)
-        return Change([first, second], [conv], f"2 convs -> {size} conv (exact in the interior only)")
+        return Change([first, second], [conv], f"merged Conv {first.name!r} and Conv {second.name!r} into one {size} "
+                                               "conv (exact in the interior only)")
