@@ -200,39 +200,32 @@ def test_grouped_chain_keeps_the_coarser_grouping(groups):
     assert conv_attrs(folded)["group"] == 2
 
 
-def test_stride_two_on_an_odd_input():
-    n = Net([1, 4, 9, 9])
-    n.conv(n.conv(n.x, "a", 4, 8, 3, strides=[2, 2], pads=[1] * 4), "y", 8, 4, 1)
-    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
-    assert conv_attrs(folded)["strides"] == [2, 2]
-
-
-def test_two_stride_two_convs_on_an_odd_input():
-    n = Net([1, 4, 11, 11])
-    n.conv(n.conv(n.x, "a", 4, 8, 3, strides=[2, 2]), "y", 8, 4, 3, strides=[2, 2])
-    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
-    assert conv_attrs(folded)["strides"] == [4, 4] and conv_attrs(folded)["kernel_shape"] == [7, 7]
-
-
-def test_strided_pointwise_then_padded_strided_kxk_with_border():
-    n = Net([1, 4, 11, 11])
-    n.conv(n.conv(n.x, "a", 4, 32, 1, strides=[2, 2]), "y", 32, 4, 3, strides=[2, 2], pads=[1] * 4)
-    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv", "Add"], fold_all=True)
+# (input size, first conv, second conv, ops after, fold_all, attributes of the merged conv)
+GEOMETRY = {
+    "stride-2-odd-input": (9, dict(cout=8, kernel=3, strides=[2, 2], pads=[1] * 4), dict(kernel=1),
+                           ["Conv"], False, {"strides": [2, 2]}),
+    "two-stride-2-odd-input": (11, dict(cout=8, kernel=3, strides=[2, 2]), dict(kernel=3, strides=[2, 2]),
+                               ["Conv"], False, {"strides": [4, 4], "kernel_shape": [7, 7]}),
     # conv2's taps sit s1 * d2 = 2 apart on the input.
-    assert conv_attrs(folded)["dilations"] == [2, 2] and conv_attrs(folded)["strides"] == [4, 4]
+    "strided-pointwise-then-padded": (11, dict(cout=32, kernel=1, strides=[2, 2]),
+                                      dict(kernel=3, strides=[2, 2], pads=[1] * 4), ["Conv", "Add"], True,
+                                      {"strides": [4, 4], "dilations": [2, 2]}),
+    "dilated-then-pointwise": (9, dict(cout=8, kernel=3, dilations=[2, 2], pads=[2] * 4), dict(kernel=1),
+                               ["Conv"], False, {"dilations": [2, 2]}),
+    "pointwise-then-dilated-padded": (9, dict(cout=32, kernel=1), dict(kernel=3, dilations=[2, 2], pads=[2] * 4),
+                                      ["Conv", "Add"], True, {"dilations": [2, 2], "kernel_shape": [3, 3]}),
+}
 
 
-def test_dilated_kxk_then_pointwise():
-    n = Net([1, 4, 9, 9])
-    n.conv(n.conv(n.x, "a", 4, 8, 3, dilations=[2, 2], pads=[2] * 4), "y", 8, 4, 1)
-    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ["Conv"])
-    assert conv_attrs(folded)["dilations"] == [2, 2]
-
-
-def test_pointwise_then_dilated_padded_kxk_with_border():
-    n = Net([1, 4, 9, 9])
-    n.conv(n.conv(n.x, "a", 4, 32, 1), "y", 32, 4, 3, dilations=[2, 2], pads=[2] * 4)
-    assert_folds(n.model("y"), CHAIN, 1, ["Conv", "Add"], fold_all=True)
+@pytest.mark.parametrize("case", list(GEOMETRY))
+def test_strides_and_dilations(case):
+    size, first, second, ops, fold_all, attrs = GEOMETRY[case]
+    n = Net([1, 4, size, size])
+    first = dict(first)
+    mid = first.pop("cout")
+    n.conv(n.conv(n.x, "a", 4, mid, **first), "y", mid, 4, **second)
+    folded, _ = assert_folds(n.model("y"), CHAIN, 1, ops, fold_all=fold_all)
+    assert {key: conv_attrs(folded)[key] for key in attrs} == attrs
 
 
 @pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
