@@ -252,7 +252,7 @@ class ApproximateStage:
         if refold or second:
             model, exact, declines = self.exact(model)
         if second:
-            model, more = self.apply(model, second, ("stage1",) + tuple(c.key for c in first))
+            model, more = self.apply(model, second, _stage1_key(first))
             approximate += more
             if refold:
                 model, again, declines = self.exact(model)
@@ -279,9 +279,10 @@ class ApproximateStage:
         pool, ranked = self._stage1_candidates()
         kept: list[Candidate] = []
         if options.tolerance <= 0:
-            for cand in pool + ranked:
-                self._decline(cand, f"approximate (statistic {cand.bound:.3g}); --tolerance 0 allows exact "
-                                    "rewrites only")
+            border = self._border_candidates(kept) if options.allow_border else []
+            for cand in pool + ranked + border:
+                statistic = f" (statistic {cand.bound:.3g})" if math.isfinite(cand.bound) else ""
+                self._decline(cand, f"approximate{statistic}; --tolerance 0 allows exact rewrites only")
         else:
             self._measure_alone(pool, [])
             self._accept_greedy(pool, kept)
@@ -424,7 +425,7 @@ class ApproximateStage:
     def _border_candidates(self, kept: list[Candidate]) -> list[Candidate]:
         first = [c for c in kept if c.stage == 1]
         model = self.build(first).model
-        ctx = self.context(model, ("stage1",) + tuple(c.key for c in first))
+        ctx = self.context(model, _stage1_key(first))
         self.passes[MergeConvBorder.name] = MergeConvBorder()
         found = self._candidates(ctx, MergeConvBorder.name, 2, lambda m: m.data["benefit"])
         # One merge per conv: overlapping pairs (a, b), (b, c) cannot both apply.
@@ -470,6 +471,11 @@ class ApproximateStage:
     def _say(self, text: str) -> None:
         if self.progress:
             self.progress(text)
+
+
+def _stage1_key(first: Sequence[Candidate]) -> tuple:
+    """Names the model stage 2 works on: the exact re-fold of the base with ``first`` applied."""
+    return ("stage1",) + tuple(sorted(c.key for c in first))
 
 
 def _added(error: float, without: float) -> float:

@@ -122,12 +122,7 @@ def _read(source: CalibrationSource, names: Sequence[str]) -> tuple[str, dict[st
     if isinstance(source, Mapping):
         return "calibration arrays", {str(k): np.asarray(v) for k, v in source.items()}
     path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: calibration file not found")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise UsageError(f"{path}: not a .npz/.npy file numpy can read ({_first_line(exc)})") from None
+    loaded = _load(path, "calibration")
     if isinstance(loaded, np.ndarray):
         if len(names) != 1:
             raise UsageError(f"{path}: a plain .npy serves a single-input model only; this one has "
@@ -140,16 +135,21 @@ def _read(source: CalibrationSource, names: Sequence[str]) -> tuple[str, dict[st
             raise UsageError(f"{path}: cannot read its arrays ({_first_line(exc)})") from None
 
 
+def _load(path: str, what: str):
+    """``np.load`` of a file (no pickles): an array, or an open NpzFile."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: {what} file not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise UsageError(f"{path}: not a .npz/.npy file numpy can read ({_first_line(exc)})") from None
+
+
 def _read_labels(labels: str | os.PathLike | np.ndarray) -> np.ndarray:
     if isinstance(labels, np.ndarray):
         return labels
     path = os.fspath(labels)
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: labels file not found")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise UsageError(f"{path}: not a .npy file numpy can read ({_first_line(exc)})") from None
+    loaded = _load(path, "labels")
     if isinstance(loaded, np.ndarray):
         return loaded
     with loaded:

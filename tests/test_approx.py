@@ -432,3 +432,33 @@ def test_resnet20_style_declines_the_branches_too_when_the_tolerance_is_below_th
     folded, report = graphfold.fold(model, calibration=cal, tolerance=1e-8, epsilon=1e-4, snap_slope=0.99)
     assert not approximate(report) and op_types(folded).count("Add") == 9
     assert len(declines(report, "drop-epsilon-branch")) == 9
+
+
+def test_approximations_are_validated_even_without_check():
+    _, report = graphfold.fold(conv_prelu_conv(0.95), calibration=calibration(), tolerance=0.2, snap_slope=0.9,
+                               check=False)
+    assert report.validation is not None and report.validation.passed
+
+
+def test_tolerance_zero_declines_border_merges_too():
+    _, report = graphfold.fold(conv3_conv3(), calibration=calibration(), allow_border=True)
+    assert declines(report, "merge-conv-border") == ["approximate; --tolerance 0 allows exact rewrites only"]
+
+
+def test_inspect_cli_lists_approximate_rewrites_and_declines(tmp_path, capsys):
+    onnx.save(conv_prelu_conv(0.95), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", **calibration())
+    assert cli.main(["inspect", str(tmp_path / "m.onnx"), "--calibration", str(tmp_path / "cal.npz"),
+                     "--tolerance", "1e-6", "--snap-slope", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "snap-activation" in out and "would add error" in out
+
+
+def test_cli_refuses_bad_calibration_with_one_line(tmp_path, capsys):
+    onnx.save(conv_prelu_conv(0.95), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", image=calibration()["x"])
+    code = cli.main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "--calibration",
+                     str(tmp_path / "cal.npz"), "--tolerance", "0.1", "--snap-slope", "0.9"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no array for graph input 'x' (arrays: image" in err
+    assert not (tmp_path / "out.onnx").exists()
