@@ -87,8 +87,10 @@ class Report:
         """Per approximate rewrite the error it added, the total, and every approximate decline."""
         info, calibration = self.approximate, self.calibration or {}
         source = "seeded random inputs" if calibration.get("random") else calibration.get("source", "?")
-        lines = [f"approximate folding (--tolerance {info.get('tolerance', 0):g}; measured on "
-                 f"{calibration.get('samples', '?')} samples of {source}):"]
+        samples, selected = calibration.get("samples", "?"), info.get("selection_samples")
+        measured = f"selected on the first {selected} of {samples}" if selected not in (None, samples) else \
+            f"measured on {samples}"
+        lines = [f"approximate folding (--tolerance {info.get('tolerance', 0):g}; {measured} samples of {source}):"]
         kept = [r for r in self.rewrites if not r.exact]
         for r in kept[:MAX_LISTED]:
             lines.append(f"  {r.pass_name:20} +{r.error_bound or 0:.2e}  {r.detail}")

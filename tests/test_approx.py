@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphfold
 from graphfold import cli
-from graphfold.approx import ApproxOptions, learned_scales
+from graphfold.approx import ApproxOptions
+from graphfold.passes.approximate import learned_scales
 from graphfold.errors import UsageError
 from tests.util import make_model, op_types, run_ort
 

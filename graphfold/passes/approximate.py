@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphfold import cost, kernels
@@ -179,6 +180,23 @@ def _same_shape(ctx: FoldContext, a: gs.Tensor, b: gs.Tensor) -> bool:
         if sa is not None and sb is not None and None not in sa and None not in sb:
             return tuple(sa) == tuple(sb)
     return False
+
+
+def learned_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """``|s|`` of residual branches that end in a multiplication by a scalar constant, by Add name.
+
+    Read from the original model: the exact pipeline folds such a scale into the conv before it.
+    """
+    graph = gs.import_onnx(model)
+    scales = {}
+    for residual in find_residuals(graph):
+        node = producer(residual.add.inputs[residual.branch])
+        if node is not None and node.op == "Mul" and len(node.inputs) == 2:
+            for tensor in node.inputs:
+                value = const_value(tensor)
+                if value is not None and value.size == 1:
+                    scales[residual.add.name] = float(abs(np.asarray(value, np.float64).reshape(-1)[0]))
+    return scales
 
 
 class DropResidualBranch(Pass):
