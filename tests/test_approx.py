@@ -463,3 +463,19 @@ def test_cli_refuses_bad_calibration_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no array for graph input 'x' (arrays: image" in err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_torch_demo_tool_end_to_end(tmp_path):
+    """tools/make_approx_demo.py (the TorchScript-exported ResNet-20), on 16 samples of 16x16 to stay fast."""
+    pytest.importorskip("torch")
+    from tools import make_approx_demo
+
+    assert make_approx_demo.main([str(tmp_path), "--samples", "16", "--size", "16"]) == 0
+    model_path, cal_path = tmp_path / "resnet20_approx.onnx", tmp_path / "cal.npz"
+    folded, report = graphfold.fold(str(model_path), calibration=str(cal_path), tolerance=1e-2, epsilon=1e-4,
+                                    snap_slope=0.99)
+    assert report.counts()["drop-epsilon-branch"] == len(make_approx_demo.TINY)
+    assert "PRelu" not in op_types(folded) and report.counts()["merge-conv-chain"] >= 1
+    assert report.accuracy["before"] == 1.0
+    with np.load(cal_path) as data:
+        assert relative_error(onnx.load(str(model_path)), folded, {"input": data["input"]}) <= 1e-2

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -68,9 +69,9 @@ class ResNet20(nn.Module):
         return self.blocks[3 * stage + index]
 
 
-def build(samples: int, seed: int) -> tuple[ResNet20, np.ndarray]:
+def build(samples: int, seed: int, size: int = 32) -> tuple[ResNet20, np.ndarray]:
     torch.manual_seed(seed)
-    inputs = np.random.default_rng(seed).standard_normal((samples, 3, 32, 32)).astype(np.float32)
+    inputs = np.random.default_rng(seed).standard_normal((samples, 3, size, size)).astype(np.float32)
     model = ResNet20()
     for module in model.modules():
         if isinstance(module, nn.PReLU):
@@ -101,24 +102,27 @@ def _plant(model: ResNet20, block: Block, inputs: np.ndarray) -> None:
     hook.remove()
 
 
-def export(model: ResNet20, path: str) -> None:
-    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), path, dynamo=False, opset_version=17,
-                      input_names=[INPUT], output_names=[OUTPUT],
-                      dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+def export(model: ResNet20, path: str, size: int = 32) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False is chosen on purpose
+        torch.onnx.export(model, (torch.zeros(1, 3, size, size),), path, dynamo=False, opset_version=17,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="where to write resnet20_approx.onnx and cal.npz")
     parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    parser.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    model, inputs = build(args.samples, args.seed)
+    model, inputs = build(args.samples, args.seed, args.size)
     with torch.no_grad():
         labels = model(torch.from_numpy(inputs)).argmax(dim=1).numpy()
     model_path = os.path.join(args.out_dir, "resnet20_approx.onnx")
-    export(model, model_path)
+    export(model, model_path, args.size)
     np.savez(os.path.join(args.out_dir, "cal.npz"), **{INPUT: inputs, "labels": labels})
     print(f"wrote {model_path} and {os.path.join(args.out_dir, 'cal.npz')} ({args.samples} samples); "
           f"planted: PReLU slopes {SLOPE}, {len(TINY)} branches at max|F| {BRANCH_MAX:g}")
