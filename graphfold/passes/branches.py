@@ -209,6 +209,25 @@ def _is_zero_layer(node: gs.Node | None) -> bool:
     return True
 
 
+def _kept_terms_fill(out_shape: tuple | None, kept: list[tuple | None]) -> bool:
+    """True when the remaining summands alone broadcast to the sum's full shape.
+
+    A symbolic dim passes only on the batch axis and only if a remaining summand carries it
+    too: a residual branch never broadcasts its block's batch.
+    """
+    if out_shape is None or any(shape is None or len(shape) > len(out_shape) for shape in kept):
+        return False
+    rank = len(out_shape)
+    for axis, size in enumerate(out_shape):
+        dims = [shape[axis - rank + len(shape)] if axis - rank + len(shape) >= 0 else 1 for shape in kept]
+        if size is None:
+            if axis != 0 or None not in dims:
+                return False
+        elif size not in dims or any(d not in (1, size) for d in dims):
+            return False
+    return True
+
+
 class DropZeroBranches(Pass):
     name = "drop-zero-branch"
     summary = "drop residual branches whose last layer has all-zero weights and bias"
@@ -223,10 +242,7 @@ class DropZeroBranches(Pass):
     def check(self, ctx: FoldContext, match: Match) -> Decision:
         node, index = match.anchor, match.data["zero"]
         others = [t for i, t in enumerate(node.inputs) if i != index]
-        out_shape = ctx.static_shape(node.outputs[0])
-        kept_shape = ctx.static_shape(others[0]) if len(others) == 1 else out_shape
-        if out_shape is None or kept_shape is None or len(out_shape) != len(kept_shape) or \
-                any(a != b for a, b in zip(out_shape, kept_shape)):
+        if not _kept_terms_fill(ctx.static_shape(node.outputs[0]), [ctx.static_shape(t) for t in others]):
             return Reject("cannot prove the zero branch does not broadcast the sum to a larger shape")
         if len(others) == 1:
             reason = bypass_reason(node, others[0], node.outputs[0], ctx.graph_outputs)

@@ -215,6 +215,21 @@ def test_zero_branch_declines_a_sum_it_would_broadcast():
     assert_declines(n.model("y"), ZERO, "cannot prove the zero branch does not broadcast the sum to a larger shape")
 
 
+def test_zero_branch_declines_a_sum_whose_other_terms_are_smaller():
+    n = Net([1, 8, 1, 1])
+    big = n.input("x2", [1, 8, 8, 8])
+    n.op("Sum", [n.op("Relu", ["x"], "r"), n.op("Neg", ["x"], "q"), zero_conv(n, big, "c")], "y")
+    assert_declines(n.model("y"), ZERO, "cannot prove the zero branch does not broadcast the sum to a larger shape")
+
+
+def test_zero_branch_declines_symbolic_spatial_dims():
+    # Only the batch axis may be symbolic: a symbolic H could be 1 on the kept side.
+    n = Net(["N", 8, "H", "W"])
+    other = n.input("x2", ["N", 8, "H2", "W2"])
+    n.op("Add", [n.op("Relu", ["x"], "r"), zero_conv(n, other, "c")], "y")
+    assert_declines(n.model("y"), ZERO, "cannot prove the zero branch does not broadcast the sum to a larger shape")
+
+
 def test_zero_branch_declines_when_the_graph_output_would_be_the_input():
     n = Net([1, 8, 8, 8])
     n.op("Add", ["x", zero_conv(n, "x", "c")], "y")
