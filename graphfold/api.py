@@ -140,7 +140,22 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     out.metadata_props.extend(original.metadata_props)
     if not out.functions and original.functions:
         out.functions.extend(original.functions)
+    if out.ir_version < 4:
+        _initializers_as_inputs(out.graph)
     return out
+
+
+def _initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR versions before 4 require every initializer to be a graph input too (graphsurgeon
+    drops them from the inputs, and folds make new ones): list them after the real inputs."""
+    listed = {vi.name for vi in graph.input}
+    for init in graph.initializer:
+        if init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                _initializers_as_inputs(sub)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
