@@ -21,6 +21,8 @@ NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Ra
                         "Multinomial", "Bernoulli"}
 # Folding must not turn a cheap generator (ConstantOfShape, Expand, Tile) into a huge initializer.
 FOLD_SIZE_LIMIT = 16 * 2**20
+# Sequences and optionals have no initializer form; their consumers then stay unfolded too.
+NON_TENSOR_PREFIXES = ("Sequence", "SplitToSequence", "Optional")
 
 
 class FoldConstants(Pass):
@@ -54,19 +56,35 @@ class FoldConstants(Pass):
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         _quiet_graphsurgeon()
         ctx.graph.toposort()
-        # graphsurgeon folds a copy of the graph, so it is told which nodes by kind, not identity.
-        ctx.graph.fold_constants(fold_shapes=False, partitioning="basic", size_threshold=FOLD_SIZE_LIMIT,
-                                 should_exclude_node=lambda n: not _may_fold(n), flatten_subgraphs=False)
-        # graphsurgeon turns a folded node's outputs into Constants and disconnects them from it;
-        # what it leaves (over the limit, or not evaluable) is no change and the engine skips it.
-        folded = [n for n in match.nodes if all(isinstance(t, gs.Constant) for t in n.outputs)]
+        # One onnxruntime session for all constants first; only if that fails, one per output
+        # ("basic" partitioning copies the graph for each, quadratic on a large model).
+        for partitioning in (None, "basic"):
+            _fold_with_graphsurgeon(ctx.graph, partitioning)
+            # graphsurgeon turns a folded node's outputs into Constants and disconnects them from it;
+            # what it leaves (over the limit, or not evaluable) is no change and the engine skips it.
+            folded = [n for n in match.nodes if all(isinstance(t, gs.Constant) for t in n.outputs)]
+            if folded:
+                break
         for node in folded:
             node.outputs.clear()
         return Change(folded, [], f"folded {len(folded)} constant node(s)")
 
 
+def _fold_with_graphsurgeon(graph: gs.Graph, partitioning: str | None) -> None:
+    # graphsurgeon folds a copy of the graph, so it is told which nodes by kind, not identity.
+    try:
+        graph.fold_constants(fold_shapes=False, partitioning=partitioning, size_threshold=FOLD_SIZE_LIMIT,
+                             should_exclude_node=lambda n: not _may_fold(n), flatten_subgraphs=False)
+    except Exception:
+        # It evaluates everything before replacing tensors one by one, so what it replaced before
+        # failing is correct; the caller counts what was folded.
+        log.debug("graphsurgeon constant folding failed", exc_info=True)
+
+
 def _may_fold(node: gs.Node) -> bool:
     if node.op in NONDETERMINISTIC_OPS or node.domain not in (None, "", "ai.onnx"):
+        return False
+    if node.op.startswith(NON_TENSOR_PREFIXES):
         return False
     return not any(isinstance(a, gs.Graph) for a in node.attrs.values())
 
@@ -84,10 +102,13 @@ def _result_bytes(ctx: FoldContext, node: gs.Node) -> int | None:
 
 
 def _quiet_graphsurgeon() -> None:
-    # onnx-graphsurgeon's logger writes warnings to stdout; only the CLI may print.
+    # onnx-graphsurgeon's logger writes warnings to stdout, and the onnxruntime sessions it opens
+    # log warnings (old opsets...) to stderr; only the CLI may print.
+    import onnxruntime
     from onnx_graphsurgeon.logger import G_LOGGER
 
     G_LOGGER.severity = G_LOGGER.CRITICAL
+    onnxruntime.set_default_logger_severity(3)
 
 
 class RemoveDeadNodes(Pass):
