@@ -10,8 +10,7 @@ import pytest
 
 from graphfold import cost
 from graphfold.kernels import ConvParams
-from tests.passes.test_conv_chain import Net
-from tests.util import fold_only
+from tests.util import Net, fold_only
 
 CHANNELS = (8, 16, 32, 64, 128, 256, 512)
 SIZES = (7, 14, 28, 56, 112)

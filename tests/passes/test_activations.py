@@ -6,8 +6,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from tests.passes.test_conv_chain import Net, assert_declines, assert_folds
-from tests.util import fold_only, model_from_text, op_types
+from tests.util import Net, assert_declines, assert_folds, fold_only, model_from_text, op_types
 
 ACT = ["remove-identity-activations"]
 

@@ -8,8 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from tests.passes.test_conv_chain import Net, assert_declines, assert_folds, conv_attrs
-from tests.util import assert_same_outputs, fold_only
+from tests.util import Net, assert_declines, assert_folds, assert_same_outputs, conv_attrs, fold_only
 
 PARALLEL = ["merge-parallel-branches"]
 ZERO = ["drop-zero-branch"]

@@ -1,7 +1,4 @@
-"""merge-conv-chain on 1-4 Conv graphs: exact merges, the cost model's say, one test per decline reason.
-
-Also home of the small builder and fold assertions the other depth-folding pass tests import.
-"""
+"""merge-conv-chain on 1-4 Conv graphs: exact merges, the cost model's say, one test per decline reason."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -13,95 +10,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from graphfold.report import Report
-from tests.util import assert_same_outputs, fold_only, make_model, op_types
+from tests.util import Net, assert_declines, assert_folds, assert_same_outputs, conv_attrs, fold_only, make_model, op_types
 
-FLOAT = TensorProto.FLOAT
 CHAIN = ["merge-conv-chain"]
-
-
-class Net:
-    """A small model under construction: seeded weights scaled to keep activations near 1, and
-    every node named after the tensor it writes."""
-
-    def __init__(self, shape: Sequence[int | str], seed: int = 0, name: str = "x") -> None:
-        self.rng = np.random.default_rng(seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.x = self.input(name, shape)
-
-    def input(self, name: str, shape: Sequence[int | str] | None) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, FLOAT, None if shape is None else list(shape)))
-        return name
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def random(self, name: str, shape: Sequence[int], fan_in: int | None = None) -> str:
-        scale = 1.0 / np.sqrt(fan_in) if fan_in else 1.0
-        return self.const(name, (self.rng.standard_normal(shape) * scale).astype(np.float32))
-
-    def op(self, op: str, inputs: Sequence[str], out: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
-        return out
-
-    def conv(self, x: str, out: str, cin: int, cout: int, kernel: int | Sequence[int] = 3, bias: bool = True,
-             group: int = 1, weight: str | None = None, **attrs) -> str:
-        """Conv ``x -> out`` with random weights (``weight`` names an existing one instead)."""
-        kernel = [kernel, kernel] if isinstance(kernel, int) else list(kernel)
-        fan_in = cin // group * int(np.prod(kernel))
-        inputs = [x, weight or self.random(f"{out}.w", [cout, cin // group, *kernel], fan_in)]
-        if bias:
-            inputs.append(self.random(f"{out}.b", [cout]))
-        return self.op("Conv", inputs, out, group=group, **attrs)
-
-    def batchnorm(self, x: str, out: str, channels: int, zero: bool = False, **attrs) -> str:
-        gamma, beta = (np.zeros(channels), np.zeros(channels)) if zero else \
-            (self.rng.uniform(0.5, 1.5, channels), self.rng.standard_normal(channels))
-        params = [gamma, beta, self.rng.standard_normal(channels), self.rng.uniform(0.5, 1.5, channels)]
-        names = [self.const(f"{out}.{key}", value.astype(np.float32))
-                 for key, value in zip(("gamma", "beta", "mean", "var"), params)]
-        return self.op("BatchNormalization", [x, *names], out, **attrs)
-
-    def model(self, *outputs: str, opset: int = 17) -> onnx.ModelProto:
-        """The checked model, its output shapes taken from ONNX shape inference."""
-        values = [helper.make_tensor_value_info(name, FLOAT, None) for name in outputs]
-        graph = helper.make_graph(self.nodes, "test", self.inputs, values, self.inits)
-        draft = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        inferred = onnx.shape_inference.infer_shapes(draft, strict_mode=True).graph.output
-        return make_model(self.nodes, self.inputs, list(inferred), self.inits, opset=opset)
-
-
-def assert_folds(model: onnx.ModelProto, passes: Sequence[str], count: int, ops_after: Sequence[str],
-                 shapes: dict | None = None, fold_all: bool = False) -> tuple[onnx.ModelProto, Report]:
-    """``passes`` make ``count`` exact rewrites and leave ``ops_after``; onnxruntime agrees within
-    1e-5 relative; folding the result again changes nothing."""
-    folded, report = fold_only(model, passes, input_shapes=shapes, fold_all=fold_all)
-    assert len(report.rewrites) == count, [r.detail for r in report.rewrites]
-    assert all(r.exact and r.error_bound is None for r in report.rewrites)
-    assert op_types(folded) == list(ops_after), [r.detail for r in report.rewrites]
-    assert [o.name for o in folded.graph.output] == [o.name for o in model.graph.output]
-    assert_same_outputs(model, folded, shapes=shapes)
-    _, again = fold_only(folded, passes, input_shapes=shapes, fold_all=fold_all)
-    assert again.rewrites == [], [r.detail for r in again.rewrites]
-    return folded, report
-
-
-def assert_declines(model: onnx.ModelProto, passes: Sequence[str], reason: str, fold_all: bool = False) -> Report:
-    """No rewrite, the graph is unchanged, and a decline says ``reason``."""
-    folded, report = fold_only(model, passes, fold_all=fold_all)
-    assert report.rewrites == [], [r.detail for r in report.rewrites]
-    reasons = [d.reason for d in report.declines]
-    assert any(reason in text for text in reasons), reasons
-    assert op_types(folded) == op_types(model)
-    return report
-
-
-def conv_attrs(model: onnx.ModelProto, index: int = 0) -> dict:
-    node = [n for n in model.graph.node if n.op_type == "Conv"][index]
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 # --- exact merges -----------------------------------------------------------------------------

@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from graphfold.passes.matmul_chain import _best_split
-from tests.passes.test_conv_chain import Net, assert_declines, assert_folds
-from tests.util import assert_same_outputs, fold_only, make_model, op_types
+from tests.util import Net, assert_declines, assert_folds, assert_same_outputs, fold_only, make_model, op_types
 
 CHAIN = ["merge-matmul-chain"]
 
