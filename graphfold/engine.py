@@ -123,6 +123,11 @@ class FoldContext:
             return tuple(tensor.shape)
         return self.static_shapes.get(tensor.name)
 
+    def static_spatial(self, tensor: gs.Tensor) -> Shape | None:
+        """The spatial dims of an [N, C, *spatial] tensor as the model fixes them (None if unknown)."""
+        shape = self.static_shape(tensor)
+        return tuple(shape[2:]) if shape is not None and len(shape) > 2 else None
+
     def concrete_shape(self, tensor: gs.Tensor) -> Shape | None:
         if isinstance(tensor, gs.Constant):
             return tuple(tensor.shape)

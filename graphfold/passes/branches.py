@@ -101,7 +101,7 @@ class MergeParallelBranches(Pass):
             reason = conv_reason(ctx, t.node)
             if reason:
                 return Reject(reason)
-        spatial = _spatial(ctx, terms[0].source)
+        spatial = ctx.static_spatial(terms[0].source)
         for t in convs:
             t.params = conv_params(t.node, spatial)
         rank = convs[0].params.rank
@@ -191,10 +191,6 @@ class MergeParallelBranches(Pass):
         extra = " + constant Add" if offset is not None else ""
         return Change(removed, added, f"{len(terms)} branches ({kinds}) -> one {size} conv{extra}")
 
-
-def _spatial(ctx: FoldContext, tensor: gs.Tensor) -> tuple | None:
-    shape = ctx.static_shape(tensor)
-    return tuple(shape[2:]) if shape is not None and len(shape) > 2 else None
 
 
 def _is_zero_layer(node: gs.Node | None) -> bool:

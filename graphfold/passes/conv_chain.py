@@ -55,7 +55,7 @@ def _blocked_link(ctx: FoldContext, node: gs.Node) -> tuple[gs.Node, gs.Node] | 
 
 def conv_reason(ctx: FoldContext, node: gs.Node) -> str | None:
     """Why a Conv cannot take part in a merge (None if it can)."""
-    if conv_params(node, _spatial(ctx, node.inputs[0])) is None:
+    if conv_params(node, ctx.static_spatial(node.inputs[0])) is None:
         if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return f"Conv {node.name!r} uses auto_pad and its input's spatial dims are dynamic"
         return f"Conv {node.name!r} weights are not float constants"
@@ -63,10 +63,6 @@ def conv_reason(ctx: FoldContext, node: gs.Node) -> str | None:
         return f"Conv {node.name!r} weight is shared with another node"
     return None
 
-
-def _spatial(ctx: FoldContext, tensor: gs.Tensor) -> tuple | None:
-    shape = ctx.static_shape(tensor)
-    return tuple(shape[2:]) if shape is not None and len(shape) > 2 else None
 
 
 def compose_exact(ctx: FoldContext, state: Segment, nxt: kernels.ConvParams,
@@ -91,7 +87,7 @@ def _compose_exact(ctx: FoldContext, state: Segment, nxt: kernels.ConvParams,
     if not params.is_pointwise or any(params.pads) or correction is not None:
         return (f"padded {_kernel_text(nxt)} conv after a {_kernel_text(params)} conv is exact only in the "
                 "interior (intermediate zero padding); move the padding to the chain's first conv")
-    spatial = _spatial(ctx, in_tensor)
+    spatial = ctx.static_spatial(in_tensor)
     merged = kernels.compose(params, nxt)
     if np.any(params.bias):
         if spatial is None or any(d is None for d in spatial):
@@ -141,7 +137,7 @@ class MergeConvChains(Pass):
         chain = match.nodes
         # A Conv that may not take part splits the chain; the parts around it may still merge.
         reasons = [conv_reason(ctx, node) for node in chain]
-        params = [None if reason else conv_params(n, _spatial(ctx, n.inputs[0])) for n, reason in zip(chain, reasons)]
+        params = [None if reason else conv_params(n, ctx.static_spatial(n.inputs[0])) for n, reason in zip(chain, reasons)]
         singles = [0.0 if p is None else cost.conv_cost(p, ctx.concrete_shape(n.inputs[0]))
                    for p, n in zip(params, chain)]
         best, why = self._best_split(ctx, chain, params, singles)
