@@ -160,18 +160,13 @@ def _unused(tensor: gs.Tensor, residual: Residual, dead: set[int], graph_outputs
 def node_cost(ctx: FoldContext, node: gs.Node) -> float:
     """The cost model's estimate for any node: convs by MACs, the rest by memory traffic."""
     if node.op == "Conv":
-        params = conv_params(node, _spatial(ctx, node.inputs[0]))
+        params = conv_params(node, ctx.static_spatial(node.inputs[0]))
         if params is not None:
             return cost.conv_cost(params, ctx.concrete_shape(node.inputs[0]))
     computed = [t for t in node.inputs if t.name and const_value(t) is None]
     shape = ctx.concrete_shape(node.outputs[0]) if node.outputs else None
     # PRelu and Add of a constant map break onnxruntime's blocked conv layout (METHODS.md, Cost).
     return cost.elementwise_cost(shape, inputs=max(len(computed), 1), unfusable=node.op == "PRelu")
-
-
-def _spatial(ctx: FoldContext, tensor: gs.Tensor) -> tuple | None:
-    shape = ctx.static_shape(tensor)
-    return tuple(shape[2:]) if shape is not None and len(shape) > 2 else None
 
 
 def _same_shape(ctx: FoldContext, a: gs.Tensor, b: gs.Tensor) -> bool:
@@ -320,8 +315,8 @@ class MergeConvBorder(Pass):
             reason = conv_reason(ctx, node)
             if reason:
                 return Reject(reason)
-        p1 = conv_params(first, _spatial(ctx, first.inputs[0]))
-        p2 = conv_params(second, _spatial(ctx, second.inputs[0]))
+        p1 = conv_params(first, ctx.static_spatial(first.inputs[0]))
+        p2 = conv_params(second, ctx.static_spatial(second.inputs[0]))
         state = Segment(0, 1, p1, None, 0.0)
         exact = compose_exact(ctx, state, p2, first.inputs[0])
         if not isinstance(exact, str):
@@ -332,7 +327,7 @@ class MergeConvBorder(Pass):
             merged = kernels.compose(p1, p2)
         except kernels.NotMergeable as exc:
             return Reject(str(exc))
-        spatial, out = _spatial(ctx, first.inputs[0]), _spatial(ctx, second.outputs[0])
+        spatial, out = ctx.static_spatial(first.inputs[0]), ctx.static_spatial(second.outputs[0])
         if spatial is None or out is None or None in spatial or None in out:
             return Reject("spatial dims are dynamic, so the merged output size cannot be checked")
         if kernels.output_spatial(merged, spatial) != tuple(out):
