@@ -68,6 +68,11 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
         folded, report.rewrites, report.declines = _fold_exact(original, pipeline, fold_all, input_shapes, progress,
                                                                concrete)
     report.after = model_stats(folded, infer_concrete(folded, input_shapes))
+    overridable = overridable_initializers(original)
+    if overridable:
+        report.notes.append(f"{len(overridable)} initializer(s) are also graph inputs, which a caller may feed "
+                            f"at run time ({', '.join(overridable[:3])}{', ...' if len(overridable) > 3 else ''}): "
+                            "they were kept as inputs and not folded")
     if check and report.validation is None:
         report.validation = compare_models(original, folded, input_shapes=input_shapes, seeds=seeds,
                                            rtol=rtol, progress=progress)
@@ -82,6 +87,7 @@ def _fold_exact(original: onnx.ModelProto, pipeline: Sequence, fold_all: bool, i
                 progress: Callable[[str], None] | None, concrete: Mapping | None = None):
     """The exact pipeline on ``original``: the folded model, its rewrites and the last round's declines."""
     graph = gs.import_onnx(original)
+    _keep_overridable(graph, original)
     concrete = concrete if concrete is not None else infer_concrete(original, input_shapes)
     ctx = FoldContext(graph, FoldOptions(fold_all=fold_all), infer_static(original), concrete)
     rewrites = run_pipeline(ctx, pipeline, progress)
@@ -142,7 +148,44 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
         out.functions.extend(original.functions)
     if out.ir_version < 4:
         _initializers_as_inputs(out.graph)
+    else:
+        _restore_overridable(out, original)
     return out
+
+
+def overridable_initializers(model: onnx.ModelProto) -> list[str]:
+    """Initializers that are also graph inputs. From IR version 4 on, a caller may feed them at run
+    time (onnxruntime treats them so): they are inputs with a default value, not constants."""
+    if model.ir_version < 4:
+        return []
+    inputs = {vi.name for vi in model.graph.input}
+    return [init.name for init in model.graph.initializer if init.name in inputs]
+
+
+def _keep_overridable(graph: gs.Graph, original: onnx.ModelProto) -> None:
+    """Make overridable initializers graph inputs again (graphsurgeon imports them as constants),
+    so that no pass folds them; ``export`` gives them back their default values."""
+    names = overridable_initializers(original)
+    if not names:
+        return
+    tensors = graph.tensors()
+    for name in names:
+        tensor = tensors.get(name)
+        if isinstance(tensor, gs.Constant):
+            tensor.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))
+            graph.inputs.append(tensor)
+    order = {vi.name: index for index, vi in enumerate(original.graph.input)}
+    graph.inputs.sort(key=lambda t: order.get(t.name, len(order)))
+
+
+def _restore_overridable(out: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    names = set(overridable_initializers(original))
+    if not names:
+        return
+    present = {init.name for init in out.graph.initializer}
+    inputs = {vi.name for vi in out.graph.input}
+    out.graph.initializer.extend(init for init in original.graph.initializer
+                                 if init.name in names and init.name in inputs and init.name not in present)
 
 
 def _initializers_as_inputs(graph: onnx.GraphProto) -> None:
