@@ -23,8 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from google.protobuf.message import EncodeError
-
+from graphfold import io as model_io
 from graphfold.errors import UsageError
 from graphfold.inputs import make_inputs, real_inputs, resolve_shapes
 
@@ -39,9 +38,6 @@ OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 PROVIDERS = ("cpu", "cuda", "auto")
-
-# protobuf cannot serialize (or even size) a message of 2 GiB or more; keep a margin.
-PROTO_LIMIT = 2**31 - 2**26
 
 
 @dataclass
@@ -196,16 +192,13 @@ def _prepare(model: ModelSource, index: int,
     """A label, what InferenceSession should load, and the graph (weights not needed) for inputs."""
     if isinstance(model, onnx.ModelProto):
         label = f"model[{index}]" + (f" {model.graph.name}" if model.graph.name else "")
-        if fits_in_protobuf(model):
+        if not model_io.needs_external_data(model):
             return label, model.SerializeToString(), model
         # Too big to serialize in one piece: onnxruntime reads it from a file with external data.
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="graphfold-bench-"))
         path = os.path.join(folder, "model.onnx")
         log.info("%s is over 2 GB; saving it with external data to %s", label, folder)
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # saving with external data moves the caller's tensors out otherwise
-        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data")
+        model_io.save_model(model, path)
         return label, path, model
     path = os.fspath(model)
     if not os.path.isfile(path):
@@ -220,14 +213,6 @@ def _prepare(model: ModelSource, index: int,
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def fits_in_protobuf(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` can be serialized as one protobuf message (else: external data)."""
-    try:
-        return model.ByteSize() < PROTO_LIMIT
-    except EncodeError:  # upb raises here for a message over 2 GiB
-        return False
 
 
 def _check_same_inputs(labels: list[str], graphs: list[onnx.ModelProto]) -> None:

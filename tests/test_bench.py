@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphfold import bench as bench_module
+from graphfold import io as model_io
 from graphfold.bench import BenchResult, ModelTiming, bench, plot
 from graphfold.errors import UsageError
 
@@ -86,7 +87,7 @@ def test_model_protos_and_single_model():
 
 def test_large_proto_goes_through_external_data(monkeypatch, caplog):
     # Pretend the 2 GB protobuf limit is tiny so the external-data path runs on a small model.
-    monkeypatch.setattr(bench_module, "PROTO_LIMIT", 10)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 10)
     model = conv_model(channels=64)  # a weight over onnx's 1 KB external-data threshold
     before = model.SerializeToString()
     with caplog.at_level("INFO", logger="graphfold.bench"):

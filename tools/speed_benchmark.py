@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from graphfold.bench import PROTO_LIMIT, fits_in_protobuf  # noqa: E402
+from graphfold.io import EXTERNAL_DATA_THRESHOLD, needs_external_data  # noqa: E402
 
 OPSET = 17
 CLASSES = 10
@@ -165,7 +165,7 @@ def _all_tensors(model: onnx.ModelProto):
 
 def save_plain(model: onnx.ModelProto, path: str) -> None:
     """onnx.save, with external data when protobuf could not hold the model."""
-    onnx.save_model(model, path, save_as_external_data=not fits_in_protobuf(model),
+    onnx.save_model(model, path, save_as_external_data=needs_external_data(model),
                     all_tensors_to_one_file=True, location=os.path.basename(path) + ".data")
 
 
@@ -201,7 +201,7 @@ def run_ort_extended(src: str, dst: str) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = dst
-    if model_bytes(src) >= PROTO_LIMIT:
+    if model_bytes(src) >= EXTERNAL_DATA_THRESHOLD:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          os.path.basename(dst) + ".data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
