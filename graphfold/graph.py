@@ -17,15 +17,30 @@ class NameScope:
 
     def __init__(self, graph: gs.Graph) -> None:
         self._used = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
+        self._roots: dict[str, str] = {}  # generated name -> the base it was made from
 
     def make(self, base: str) -> str:
+        base = self._canonical(base)
         name = base
         index = 0
         while name in self._used:
             index += 1
             name = f"{base}_{index}"
         self._used.add(name)
+        self._roots[name] = base
         return name
+
+    def _canonical(self, base: str) -> str:
+        """Names built from generated names start again from their root, so rewriting the same
+        node ten times gives ``conv_merged_10``, not ``conv_merged_1_merged_1_1...``."""
+        parts = base.split("_")
+        for cut in range(len(parts), 0, -1):
+            head = "_".join(parts[:cut])
+            if head in self._roots:
+                root, tail = self._roots[head], "_".join(parts[cut:])
+                tail = f"_{tail}" if tail else ""
+                return root if not tail or root.endswith(tail) else root + tail
+        return base
 
 
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:

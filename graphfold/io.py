@@ -156,7 +156,8 @@ def save_model(model: onnx.ModelProto, path: str) -> None:
         staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
         staged = os.path.join(staging, name)
         data_name = _save(model, staged)
-        if data_name is not None:
+        # onnx writes no data file when every tensor is under its size threshold.
+        if data_name is not None and os.path.exists(os.path.join(staging, data_name)):
             os.replace(os.path.join(staging, data_name), os.path.join(folder, data_name))
         os.replace(staged, target)
     except OSError as exc:

@@ -107,7 +107,8 @@ def fold_affine(ctx: FoldContext, layer: gs.Node, scale: np.ndarray, shift: np.n
     inputs = [layer.inputs[0], make_const(ctx.scope, f"{layer.name}.weight", new_weight.astype(weight.dtype))]
     if new_bias is not None and (has_bias or np.any(new_bias != 0)):
         inputs.append(make_const(ctx.scope, f"{layer.name}.bias", new_bias.astype(weight.dtype)))
-    node = gs.Node(op, ctx.scope.make(layer.name or op), attrs=attrs, inputs=inputs, outputs=[out])
+    # The folded layer replaces ``layer`` one for one, so it keeps its name.
+    node = gs.Node(op, layer.name or ctx.scope.make(op), attrs=attrs, inputs=inputs, outputs=[out])
     ctx.graph.nodes.append(node)
     return node
 

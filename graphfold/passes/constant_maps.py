@@ -104,7 +104,7 @@ class SinkConstantAdds(Pass):
         out = consumer.outputs[0]
         inner = make_var(ctx.scope, f"{consumer.name}.out", like=out)
         ctx.copy_shape(inner, out)
-        conv = gs.Node("Conv", ctx.scope.make(consumer.name), attrs=dict(consumer.attrs),
+        conv = gs.Node("Conv", consumer.name, attrs=dict(consumer.attrs),
                        inputs=[v] + list(consumer.inputs[1:]), outputs=[inner])
         sunk = gs.Node("Add", ctx.scope.make(f"{add.name}_sunk"),
                        inputs=[inner, make_const(ctx.scope, f"{add.name}.map", moved)], outputs=[out])
