@@ -116,7 +116,9 @@ class FoldContext:
 
     def refresh(self) -> None:
         """Recompute per-graph facts that rewrites may change."""
-        self.graph_outputs = {t.name for t in self.graph.outputs}
+        # Tensors that an If/Loop/Scan body returns, or that a node in a body alone reads, must
+        # survive like graph outputs: no rewrite may fuse this graph's nodes with a body's.
+        self.graph_outputs = {t.name for t in self.graph.outputs} | subgraph_reads(self.graph)
 
     def static_shape(self, tensor: gs.Tensor) -> Shape | None:
         if isinstance(tensor, gs.Constant):
@@ -144,6 +146,20 @@ class FoldContext:
             self.static_shapes[tensor.name] = tuple(static)
         if concrete is not None or static is not None:
             self.concrete_shapes[tensor.name] = tuple(concrete if concrete is not None else static)
+
+
+def subgraph_reads(graph: gs.Graph) -> set[str]:
+    """Names of the tensors that the graph's subgraphs (nested ones included) return, or that a
+    node inside them is the only reader of."""
+    names: set[str] = set()
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                names.update(t.name for t in attr.outputs)
+                for inner in attr.nodes:
+                    names.update(t.name for t in inner.inputs if len(t.outputs) == 1)
+                names.update(subgraph_reads(attr))
+    return names
 
 
 class Pass:
