@@ -103,7 +103,8 @@ def random_array(elem_type: int, shape: Sequence[int], rng: np.random.Generator)
     """Seeded data for one input: N(0, 1) floats, small non-negative integers, random bools."""
     dtype = helper.tensor_dtype_to_np_dtype(elem_type)
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        # A comparison of a 0-d array gives a numpy scalar, which onnxruntime refuses.
+        return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(dtype, np.integer):
         # Small non-negative values stay valid as indices, lengths and class ids in most graphs.
         return rng.integers(0, 3, size=shape).astype(dtype)
