@@ -15,6 +15,7 @@ from graphfold.errors import ValidationError
 from graphfold.inputs import ShapeMap, check_input_shapes, resolve_shapes
 from graphfold.io import load_model
 from graphfold.passes import build_pipeline
+from graphfold.passes.cleanup import quiet_graphsurgeon
 from graphfold.report import Report
 from graphfold.shapes import infer_concrete, infer_static
 from graphfold.stats import model_stats
@@ -53,6 +54,8 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     calibration data at ``tolerance``, whatever ``check`` says.
     """
     original = as_model(model)
+    # graphsurgeon prints warnings (bfloat16 weights...) to stdout while importing the model.
+    quiet_graphsurgeon()
     check_input_shapes(original, input_shapes)
     pipeline = build_pipeline(passes, skip_passes)
     options = approx_options or ApproxOptions(tolerance, snap_slope, epsilon, drop_branches, target_depth,

@@ -54,7 +54,7 @@ class FoldConstants(Pass):
         return Exact()
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
-        _quiet_graphsurgeon()
+        quiet_graphsurgeon()
         ctx.graph.toposort()
         # One onnxruntime session for all constants first; only if that fails, one per output
         # ("basic" partitioning copies the graph for each, quadratic on a large model).
@@ -101,7 +101,7 @@ def _result_bytes(ctx: FoldContext, node: gs.Node) -> int | None:
     return total
 
 
-def _quiet_graphsurgeon() -> None:
+def quiet_graphsurgeon() -> None:
     # onnx-graphsurgeon's logger writes warnings to stdout, and the onnxruntime sessions it opens
     # log warnings (old opsets...) to stderr; only the CLI may print.
     import onnxruntime
