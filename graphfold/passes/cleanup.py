@@ -23,6 +23,8 @@ NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Ra
 FOLD_SIZE_LIMIT = 16 * 2**20
 # Sequences and optionals have no initializer form; their consumers then stay unfolded too.
 NON_TENSOR_PREFIXES = ("Sequence", "SplitToSequence", "Optional")
+# A quantized graph keeps its int8 weights and QDQ pairs (graphsurgeon would not fold them either).
+QUANTIZATION_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
 
 class FoldConstants(Pass):
@@ -82,7 +84,7 @@ def _fold_with_graphsurgeon(graph: gs.Graph, partitioning: str | None) -> None:
 
 
 def _may_fold(node: gs.Node) -> bool:
-    if node.op in NONDETERMINISTIC_OPS or node.domain not in (None, "", "ai.onnx"):
+    if node.op in NONDETERMINISTIC_OPS or node.op in QUANTIZATION_OPS or node.domain not in (None, "", "ai.onnx"):
         return False
     if node.op.startswith(NON_TENSOR_PREFIXES):
         return False
