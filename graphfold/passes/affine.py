@@ -43,14 +43,35 @@ def layer_reason(ctx: FoldContext, layer: gs.Node | None, out: gs.Tensor) -> str
         return f"{layer.op} weight is not a float constant"
     if is_shared(weight_tensor, layer):
         return f"{layer.op} weight is shared with another node"
-    if layer.op == "MatMul" and float_const(weight_tensor).ndim != 2:
-        return "MatMul weight is not a 2-D matrix"
+    weight = float_const(weight_tensor)
+    # An invalid model (the checker does not look at weight shapes) is left as it is.
+    if layer.op in ("MatMul", "Gemm") and weight.ndim != 2:
+        return f"{layer.op} weight is not a 2-D matrix"
+    if layer.op in ("Conv", "ConvTranspose") and weight.ndim < 3:
+        return f"{layer.op} weight of shape {list(weight.shape)} is not [M, C/g, k...]"
     if layer.op == "Gemm":
         bias = layer.inputs[2] if len(layer.inputs) > 2 and layer.inputs[2].name else None
         if bias is not None and (float_const(bias) is None or _gemm_bias(layer) is None):
             return "Gemm bias is not a constant vector"
-    elif len(layer.inputs) > 2 and layer.inputs[2].name and float_const(layer.inputs[2]) is None:
-        return f"{layer.op} bias is not a float constant"
+    elif len(layer.inputs) > 2 and layer.inputs[2].name:
+        bias = float_const(layer.inputs[2])
+        if bias is None:
+            return f"{layer.op} bias is not a float constant"
+        if layer.op != "MatMul" and bias.shape != (layer_channels(ctx, layer)[2],):
+            return f"{layer.op} bias of shape {list(bias.shape)} does not match its output channels"
+    return None
+
+
+def overflow_reason(layer: gs.Node, scale: np.ndarray, shift: np.ndarray) -> str | None:
+    """Why ``scale * y + shift`` folded into ``layer``'s weights could leave their dtype's range
+    or is not finite (None when it fits)."""
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        return "the affine map is not finite (a BatchNormalization with var + epsilon <= 0, or inf/NaN)"
+    weights = [float_const(t) for t in layer.inputs[1:3] if t.name]
+    limit = float(np.finfo(weights[0].dtype).max)
+    bound = max(float(np.max(np.abs(w), initial=0.0)) for w in weights) * float(np.max(np.abs(scale), initial=0.0))
+    if bound + float(np.max(np.abs(shift), initial=0.0)) > limit:
+        return f"folded weights could overflow {weights[0].dtype}"
     return None
 
 
@@ -145,8 +166,9 @@ class FoldBatchNorm(Pass):
             return Reject("BatchNormalization's channel axis is not the layer's output channel axis")
         if any(p.shape != (channels[2],) for p in params):
             return Reject("BatchNormalization parameters do not match the layer's channel count")
-        scale, shift = self._affine(bn)
-        reason = _shift_allowed(ctx, layer, shift)
+        with np.errstate(all="ignore"):  # a negative var + epsilon is declined, not warned about
+            scale, shift = self._affine(bn)
+        reason = overflow_reason(layer, scale, shift) or _shift_allowed(ctx, layer, shift)
         return Reject(reason) if reason else Exact()
 
     @staticmethod
@@ -191,7 +213,7 @@ class FoldChannelAffine(Pass):
                           "is not a finite per-output-channel vector of the layer's dtype")
         if node.op == "Div" and match.data["side"] == 1:
             return Reject("constant divided by the layer output is not affine")
-        reason = _shift_allowed(ctx, layer, affine[1])
+        reason = overflow_reason(layer, *affine) or _shift_allowed(ctx, layer, affine[1])
         return Reject(reason) if reason else Exact()
 
     def _affine(self, ctx: FoldContext, match: Match) -> tuple[np.ndarray, np.ndarray] | None:
