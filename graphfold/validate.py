@@ -78,7 +78,9 @@ class Runner:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        # Fatal only: a failing run raises, and the error becomes one line of ours; onnxruntime's
+        # own log would add more lines on stderr.
+        options.log_severity_level = 4
         self._tmp = None
         try:
             if needs_external_data(model):

@@ -110,7 +110,7 @@ def quiet_graphsurgeon() -> None:
     from onnx_graphsurgeon.logger import G_LOGGER
 
     G_LOGGER.severity = G_LOGGER.CRITICAL
-    onnxruntime.set_default_logger_severity(3)
+    onnxruntime.set_default_logger_severity(4)  # constants that fail to evaluate log errors
 
 
 class RemoveDeadNodes(Pass):
