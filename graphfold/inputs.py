@@ -6,6 +6,7 @@ the leading axis, else 1 for the leading axis and ``DEFAULT_DIM`` for the others
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Mapping, Sequence
 
@@ -16,6 +17,8 @@ from onnx import helper
 from graphfold.errors import UsageError
 
 DEFAULT_DIM = 32
+# Random data for one input is refused beyond this size (a model may declare absurd dims).
+MAX_INPUT_BYTES = 2**32
 
 ShapeMap = Mapping[str, Sequence[int]]
 
@@ -102,6 +105,10 @@ def resolve_shapes(model: onnx.ModelProto, input_shapes: ShapeMap | None = None,
 def random_array(elem_type: int, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
     """Seeded data for one input: N(0, 1) floats, small non-negative integers, random bools."""
     dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    size = math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+    if size > MAX_INPUT_BYTES:
+        raise UsageError(f"an input of shape {'x'.join(map(str, shape))} would take {size / 2**30:.3g} GiB; "
+                         "choose smaller dims with --input-shape")
     if dtype == np.bool_:
         # A comparison of a 0-d array gives a numpy scalar, which onnxruntime refuses.
         return np.asarray(rng.random(shape) < 0.5)
