@@ -12,6 +12,7 @@ from graphfold.approx import ApproximateStage, ApproxOptions
 from graphfold.calibration import CalibrationSource, load_calibration
 from graphfold.engine import FoldContext, FoldOptions, run_pipeline
 from graphfold.errors import ValidationError
+from graphfold.external import Spill, has_external_refs
 from graphfold.inputs import ShapeMap, check_input_shapes, resolve_shapes
 from graphfold.io import load_model
 from graphfold.passes import build_pipeline
@@ -93,6 +94,8 @@ def _fold_exact(original: onnx.ModelProto, pipeline: Sequence, fold_all: bool, i
     _keep_overridable(graph, original)
     concrete = concrete if concrete is not None else infer_concrete(original, input_shapes)
     ctx = FoldContext(graph, FoldOptions(fold_all=fold_all), infer_static(original), concrete)
+    if has_external_refs(original):
+        ctx.scope.spill = Spill()  # lives until the process ends: the result refers to it
     rewrites = run_pipeline(ctx, pipeline, progress)
     folded = export(graph, original) if rewrites else _copy(original)
     return folded, rewrites, list(ctx.declines)

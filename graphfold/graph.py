@@ -5,8 +5,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from graphfold import external
 from graphfold.kernels import ConvParams
+
+# New constants at least this large are spilled to disk when the model's weights are on disk.
+SPILL_BYTES = 2**20
 
 # Weight dtypes the numpy algebra handles (bfloat16 and friends are declined).
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -18,6 +23,8 @@ class NameScope:
     def __init__(self, graph: gs.Graph) -> None:
         self._used = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
         self._roots: dict[str, str] = {}  # generated name -> the base it was made from
+        # Set when the model's weights stay on disk: new large constants are written there too.
+        self.spill: external.Spill | None = None
 
     def make(self, base: str) -> str:
         base = self._canonical(base)
@@ -46,6 +53,10 @@ class NameScope:
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     """The tensor's value if it is a constant (initializer or Constant node output), else None."""
     if isinstance(tensor, gs.Constant):
+        lazy = tensor._values
+        if isinstance(lazy, LazyValues) and external.is_external(lazy.tensor):
+            # Weights left on disk are read through a memory map and not cached in the graph.
+            return external.read(lazy.tensor)
         return np.asarray(tensor.values)
     if tensor is not None and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         attrs = tensor.inputs[0].attrs
@@ -110,6 +121,9 @@ def swap(tensors: list, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 def make_const(scope: NameScope, base: str, values: np.ndarray) -> gs.Constant:
+    """A new constant; large ones go to the scope's spill file when the model's weights are on disk."""
+    if scope.spill is not None and values.nbytes >= SPILL_BYTES:
+        return scope.spill.constant(scope.make(base), values)
     return gs.Constant(scope.make(base), np.ascontiguousarray(values))
 
 

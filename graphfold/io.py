@@ -17,6 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graphfold.errors import UsageError
+from graphfold.external import absolutize, external_bytes, has_external_refs, load_all, save_streaming
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,18 @@ def _tensors(graph: onnx.GraphProto):
                     yield from _tensors(sub)
 
 
-def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
-    """Read an ONNX model (external data included) or raise one readable ``UsageError``."""
+# External weights beyond this stay on disk (see external.py); smaller ones are loaded, so the
+# model is an ordinary self-contained proto.
+LAZY_EXTERNAL_BYTES = 2**30
+
+
+def load_model(path: str, *, check: bool = True, lazy: bool | None = None) -> onnx.ModelProto:
+    """Read an ONNX model or raise one readable ``UsageError``.
+
+    External data is loaded into the model, unless it exceeds ``LAZY_EXTERNAL_BYTES`` (or
+    ``lazy`` is True): then the weights stay on disk, referenced by absolute path, and only
+    ``save_model`` writes such a model correctly.
+    """
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -70,7 +81,13 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     if os.path.getsize(path) == 0:
         raise UsageError(f"{path}: empty file, not an ONNX model")
     try:
-        model = onnx.load(path)
+        # Weights in external data files stay there (memory-mapped when read): see external.py.
+        model = onnx.load(path, load_external_data=False)
+        if has_external_refs(model):
+            base_dir = os.path.dirname(os.path.abspath(path))
+            absolutize(model, base_dir)
+            if not (lazy if lazy is not None else external_bytes(model) >= LAZY_EXTERNAL_BYTES):
+                load_all(model)
     except DecodeError as exc:
         raise UsageError(f"{path}: not an ONNX model or truncated ({_first_line(exc) or 'protobuf parse failed'})") from None
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
@@ -167,12 +184,20 @@ def save_model(model: onnx.ModelProto, path: str) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def needs_data_file(model: onnx.ModelProto) -> bool:
+    """True when ``model`` cannot be one self-contained proto: too large, or weights on disk."""
+    return has_external_refs(model) or needs_external_data(model)
+
+
 def _save(model: onnx.ModelProto, path: str) -> str | None:
     """Save, with external data when needed; returns the data file's name, if any."""
-    if not needs_external_data(model):
+    if not needs_data_file(model):
         onnx.save_model(model, path)
         return None
     data_name = os.path.basename(path) + ".data"
+    if has_external_refs(model):
+        save_streaming(model, path, data_name)
+        return data_name
     # save_model with external data rewrites the tensors it moves; work on a copy so the
     # caller's model keeps its weights in memory.
     copy = onnx.ModelProto()

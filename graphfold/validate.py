@@ -19,7 +19,7 @@ import onnx
 
 from graphfold.errors import UsageError
 from graphfold.inputs import make_inputs, real_inputs, ShapeMap
-from graphfold.io import _save, needs_external_data
+from graphfold.io import _save, needs_data_file
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Runner:
         options.log_severity_level = 4
         self._tmp = None
         try:
-            if needs_external_data(model):
+            if needs_data_file(model):
                 self._tmp = tempfile.TemporaryDirectory()
                 path = os.path.join(self._tmp.name, "model.onnx")
                 _save(model, path)
