@@ -1,0 +1,351 @@
+"""Property-based fuzzing with a fixed budget: random conv graphs must fold to equivalent models
+(or be left alone), and no file, however broken, gets more than one clear line and exit code 2.
+
+The conv graphs are chains of random blocks: convs with random kernels, strides, dilations,
+groups and (asymmetric) pads, BatchNorms, per-channel affine ops, parallel branches whose pads
+may or may not line up, identity skips, zero branches, and activations some of which are
+identities, sometimes with dynamic dims. Each runs through the default pipeline and
+``--fold-all``; the result must pass the checker, have no more nodes, keep its outputs, and
+match the original under onnxruntime within graphfold's own validation tolerance.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from graphfold.cli import main
+from tests.util import Net, assert_same_outputs, fold_only
+
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+RTOL = 1e-4  # graphfold's validation tolerance (README: 1e-6 + 1e-4 * max|y|)
+
+
+# --- random conv graphs -----------------------------------------------------------------------
+
+def out_size(size: int, kernel: int, stride: int, dilation: int, begin: int, end: int) -> int:
+    return (size + begin + end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def draw_pads(draw, total: int, aligned: int | None = None) -> tuple[int, int]:
+    """(begin, end) summing to ``total``: ``aligned`` (when feasible) or anywhere."""
+    if aligned is not None and 0 <= aligned <= total and draw(st.integers(0, 3)):
+        return aligned, total - aligned
+    begin = draw(st.integers(0, total))
+    return begin, total - begin
+
+
+def conv_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str, list[int]]:
+    """One Conv with random geometry (and maybe a BatchNorm after it)."""
+    cin, h, w = shape
+    group = draw(st.sampled_from([g for g in (1, 2, 3, 4) if cin % g == 0]))
+    cout = group * draw(st.integers(1, 3)) if group < cin else draw(st.sampled_from([cin, 2 * cin]))
+    kernel = [draw(st.sampled_from([1, 2, 3, 5])), draw(st.sampled_from([1, 3]))]
+    strides = [draw(st.sampled_from([1, 1, 2]))] * 2
+    dilations = [draw(st.sampled_from([1, 1, 2]))] * 2
+    pads_h = draw_pads(draw, draw(st.integers(0, dilations[0] * (kernel[0] - 1))))
+    pads_w = draw_pads(draw, draw(st.integers(0, dilations[1] * (kernel[1] - 1))))
+    oh = out_size(h, kernel[0], strides[0], dilations[0], *pads_h)
+    ow = out_size(w, kernel[1], strides[1], dilations[1], *pads_w)
+    assume(oh >= 1 and ow >= 1)
+    y = n.conv(x, name, cin, cout, kernel=kernel, bias=draw(st.booleans()), group=group, strides=strides,
+               dilations=dilations, pads=[pads_h[0], pads_w[0], pads_h[1], pads_w[1]])
+    if draw(st.booleans()):
+        y = n.batchnorm(y, f"{name}.bn", cout, epsilon=draw(st.sampled_from([1e-5, 1e-3])))
+    return y, [cout, oh, ow]
+
+
+def branch_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str, list[int]]:
+    """sum_i conv_i(x) (+ x, + BN(x)): RepVGG/ACNet branches whose pads may not line up."""
+    cin, h, w = shape
+    big = draw(st.sampled_from([3, 5]))
+    stride = draw(st.sampled_from([1, 1, 2]))
+    total = draw(st.integers(0, big - 1))  # the largest branch's pads per axis
+    begin = draw(st.integers(0, total))
+    cout = cin if draw(st.booleans()) else draw(st.integers(1, 6))
+    group = draw(st.sampled_from([g for g in (1, 2, 3) if cin % g == 0 and cout % g == 0]))
+    terms = []
+    kernels = [(big, big)] + draw(st.lists(st.sampled_from([(1, 1), (3, 3), (1, 3), (3, 1)]), min_size=1, max_size=3))
+    for index, (kh, kw) in enumerate(kernels):
+        spare = [(big - kh), (big - kw)]
+        if spare[0] > total or spare[1] > total:
+            continue  # this branch cannot reach the same output size
+        pads = [draw_pads(draw, total - s, begin - s // 2) for s in spare]
+        y = n.conv(x, f"{name}.{index}", cin, cout, kernel=[kh, kw], bias=draw(st.booleans()), group=group,
+                   strides=[stride, stride], pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
+        if draw(st.booleans()):
+            y = n.batchnorm(y, f"{name}.{index}.bn", cout)
+        terms.append(y)
+    same = stride == 1 and cout == cin and total == big - 1
+    if same and draw(st.booleans()):
+        terms.append(x)
+    if same and draw(st.booleans()):
+        terms.append(n.batchnorm(x, f"{name}.idbn", cin))
+    oh, ow = (out_size(s, big, stride, 1, 0, total) for s in (h, w))
+    assume(oh >= 1 and ow >= 1 and len(terms) >= 2)
+    order = draw(st.permutations(terms))
+    if draw(st.booleans()):
+        out = n.op("Sum", order, f"{name}.sum")
+    else:
+        out = order[0]
+        for index, term in enumerate(order[1:]):
+            out = n.op("Add", [out, term], f"{name}.add{index}")
+    return out, [cout, oh, ow]
+
+
+def skip_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str, list[int]]:
+    """x + F(x), F a 'same' conv (maybe off-centre, maybe dilated), maybe zero, maybe with BN."""
+    cin = shape[0]
+    kernel = draw(st.sampled_from([1, 2, 3, 5]))
+    dilation = draw(st.sampled_from([1, 1, 2]))
+    total = dilation * (kernel - 1)
+    pads = [draw_pads(draw, total, total // 2) for _ in range(2)]
+    zero = draw(st.integers(0, 4)) == 0
+    weight = n.const(f"{name}.w", np.zeros((cin, cin, kernel, kernel), np.float32)) if zero else None
+    y = n.conv(x, name, cin, cin, kernel=kernel, bias=not zero, weight=weight, dilations=[dilation] * 2,
+               pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
+    if draw(st.booleans()):
+        y = n.batchnorm(y, f"{name}.bn", cin, zero=draw(st.integers(0, 3)) == 0)
+    terms = [x, y] if draw(st.booleans()) else [y, x]
+    return n.op("Add", terms, f"{name}.add"), list(shape)
+
+
+def affine_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str, list[int]]:
+    """A conv, then Mul/Add/Sub/Div by a per-channel (or scalar, or neutral) constant."""
+    y, shape = conv_block(draw, n, x, shape, name)
+    op = draw(st.sampled_from(["Mul", "Add", "Sub", "Div"]))
+    form = draw(st.sampled_from([(1, shape[0], 1, 1), (shape[0], 1, 1), (1,), ()]))
+    if draw(st.integers(0, 3)) == 0:
+        value = np.full(form, 1.0 if op in ("Mul", "Div") else 0.0, np.float32)
+    else:
+        value = n.rng.uniform(0.5, 2.0, form).astype(np.float32) * n.rng.choice([-1, 1], form).astype(np.float32)
+    c = n.const(f"{name}.{op.lower()}.c", value)
+    return n.op(op, [y, c] if op in ("Sub", "Div") or draw(st.booleans()) else [c, y], f"{name}.{op.lower()}"), shape
+
+
+def activation(draw, n: Net, x: str, channels: int, name: str) -> str:
+    kind = draw(st.sampled_from(["none", "none", "Relu", "ReluRelu", "PRelu1", "PRelu", "LeakyRelu1",
+                                 "LeakyRelu", "Clip", "ReluClip", "Sigmoid"]))
+    if kind == "none":
+        return x
+    if kind in ("Relu", "ReluRelu", "ReluClip"):
+        x = n.op("Relu", [x], f"{name}.relu")
+        if kind == "ReluRelu":
+            return n.op("Relu", [x], f"{name}.relu2")
+        if kind == "Relu":
+            return x
+    if kind in ("Clip", "ReluClip"):
+        low, high = n.const(f"{name}.lo", np.array(0.0, np.float32)), n.const(f"{name}.hi", np.array(6.0, np.float32))
+        return n.op("Clip", [x, low, high], f"{name}.clip")
+    if kind.startswith("PRelu"):
+        slope = np.ones((channels, 1, 1), np.float32) if kind == "PRelu1" else \
+            n.rng.uniform(0.0, 0.5, (channels, 1, 1)).astype(np.float32)
+        return n.op("PRelu", [x, n.const(f"{name}.slope", slope)], f"{name}.prelu")
+    if kind.startswith("LeakyRelu"):
+        return n.op("LeakyRelu", [x], f"{name}.leaky", alpha=1.0 if kind == "LeakyRelu1" else 0.1)
+    return n.op("Sigmoid", [x], f"{name}.sigmoid")
+
+
+BLOCKS = {"conv": conv_block, "branches": branch_block, "skip": skip_block, "affine": affine_block}
+
+
+@st.composite
+def conv_graphs(draw) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """A random conv net and the concrete input shape to compare it on."""
+    channels, h, w = draw(st.integers(1, 6)), draw(st.integers(5, 13)), draw(st.integers(5, 13))
+    dynamic = draw(st.integers(0, 4)) == 0
+    n = Net(["N", channels, "H", "W"] if dynamic else [1, channels, h, w], seed=draw(st.integers(0, 2**16)))
+    x, shape, outputs = n.x, [channels, h, w], []
+    for index in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["conv", "conv", "branches", "skip", "affine"]))
+        x, shape = BLOCKS[kind](draw, n, x, shape, f"b{index}")
+        x = activation(draw, n, x, shape[0], f"b{index}")
+        if draw(st.integers(0, 5)) == 0:
+            outputs.append(x)  # an intermediate that is also a graph output
+    outputs.append(x)
+    model = n.model(*dict.fromkeys(outputs))
+    return model, {"x": [2 if dynamic else 1, channels, h, w]}
+
+
+@FUZZ
+@given(conv_graphs(), st.booleans())
+def test_random_conv_graphs_fold_to_equivalent_models(graph, fold_all):
+    model, shapes = graph
+    folded, report = fold_only(model, None, fold_all=fold_all, input_shapes=shapes)
+    onnx.checker.check_model(folded, full_check=True)
+    assert len(folded.graph.node) <= len(model.graph.node)
+    assert [o.name for o in folded.graph.output] == [o.name for o in model.graph.output]
+    assert [i.name for i in folded.graph.input] == [i.name for i in model.graph.input]
+    assert all(r.exact for r in report.rewrites)
+    assert_same_outputs(model, folded, rtol=RTOL, seeds=(0, 1), shapes=shapes)
+
+
+# --- broken and adversarial files through the command line ------------------------------------
+
+def sample_model() -> onnx.ModelProto:
+    n = Net([1, 3, 8, 8])
+    n.op("Relu", [n.batchnorm(n.conv(n.x, "conv", 3, 4, pads=[1, 1, 1, 1]), "bn", 4)], "y")
+    return n.model("y")
+
+
+def run_cli(capsys, tmp_path, data: bytes, *extra: str) -> tuple[int, str, str]:
+    path, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    path.write_bytes(data)
+    if out.exists():
+        out.unlink()
+    try:
+        code = main([str(path), "-o", str(out), *extra])
+    except SystemExit as exc:
+        code = exc.code
+    stdout, stderr = capsys.readouterr()
+    assert "Traceback" not in stdout + stderr
+    if code == 0:
+        onnx.checker.check_model(onnx.load(str(out)))
+    else:
+        assert code == 2, (code, stderr)
+        assert stderr.startswith("graphfold: error: ") and stderr.count("\n") == 1, stderr
+        assert not out.exists()
+    return code, stdout, stderr
+
+
+def mutated(model: onnx.ModelProto, change) -> bytes:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    change(copy)
+    return copy.SerializeToString()
+
+
+def _set_dims(dims):
+    def change(m):
+        shape = m.graph.input[0].type.tensor_type.shape
+        for dim, value in zip(shape.dim, dims):
+            dim.dim_value = value
+        m.graph.output[0].type.tensor_type.ClearField("shape")
+    return change
+
+
+def _graph(nodes, outputs=("y",)):
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [value("x", TensorProto.FLOAT, [2])],
+                              [value(o, TensorProto.FLOAT, [2]) for o in outputs])
+    return helper.make_model(graph).SerializeToString()
+
+
+def _initializer(name_end: str, edit):
+    def change(m):
+        init = next(i for i in m.graph.initializer if i.name.endswith(name_end))
+        init.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(init).copy()), init.name))
+    return change
+
+
+def _attr(node_index: int, name: str, value):
+    def change(m):
+        node = m.graph.node[node_index]
+        kept = [a for a in node.attribute if a.name != name]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute(name, value)])
+    return change
+
+
+def _external(location: str):
+    def change(m):
+        init = m.graph.initializer[0]
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        entry = init.external_data.add()
+        entry.key, entry.value = "location", location
+    return change
+
+
+ADVERSARIAL = {
+    "empty": lambda m: b"",
+    "random bytes": lambda m: np.random.default_rng(0).bytes(1000),
+    "truncated": lambda m: m.SerializeToString()[: len(m.SerializeToString()) // 2],
+    "huge input dims": lambda m: mutated(m, _set_dims([1, 3, 2**40, 2**40])),
+    "huge batch": lambda m: mutated(m, _set_dims([2**62])),
+    "initializer without data": lambda m: mutated(m, lambda c: c.graph.initializer[0].ClearField("raw_data")),
+    "short raw data": lambda m: mutated(m, lambda c: setattr(c.graph.initializer[0], "raw_data", b"\0" * 10)),
+    "cycle": lambda m: _graph([helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+                               helper.make_node("Add", ["x", "a"], ["y"])]),
+    "dangling input": lambda m: _graph([helper.make_node("Add", ["x", "ghost"], ["y"])]),
+    "dangling output": lambda m: _graph([helper.make_node("Relu", ["x"], ["a"])]),
+    "duplicate tensor names": lambda m: _graph([helper.make_node("Relu", ["x"], ["a"]),
+                                                helper.make_node("Neg", ["x"], ["a"]),
+                                                helper.make_node("Relu", ["a"], ["y"])]),
+    "duplicate initializers": lambda m: mutated(m, lambda c: c.graph.initializer.append(c.graph.initializer[0])),
+    "duplicate node names": lambda m: mutated(m, lambda c: [setattr(n, "name", "same") for n in c.graph.node]),
+    "no opset": lambda m: mutated(m, lambda c: c.ClearField("opset_import")),
+    "opset from the future": lambda m: mutated(m, lambda c: setattr(c.opset_import[0], "version", 99)),
+    "unknown op": lambda m: mutated(m, lambda c: setattr(c.graph.node[1], "op_type", "FooBar")),
+    "external data missing": lambda m: mutated(m, _external("nowhere.bin")),
+    "external data outside the folder": lambda m: mutated(m, _external("../../etc/passwd")),
+    "rank-2 conv weight": lambda m: mutated(m, _initializer("conv.w", lambda a: a.reshape(4, 27))),
+    "conv bias too long": lambda m: mutated(m, _initializer("conv.b", lambda a: np.concatenate([a, a]))),
+    "group 0": lambda m: mutated(m, _attr(0, "group", 0)),
+    "stride 0": lambda m: mutated(m, _attr(0, "strides", [0, 0])),
+    "pads of the wrong length": lambda m: mutated(m, _attr(0, "pads", [1, 1])),
+    "negative BN epsilon": lambda m: mutated(m, _attr(1, "epsilon", -10.0)),
+    "negative BN variance": lambda m: mutated(m, _initializer("bn.var", lambda a: -a)),
+    "NaN weight": lambda m: mutated(m, _initializer("conv.w", lambda a: np.where(a > 0.5, np.nan, a))),
+    "infinite BN scale": lambda m: mutated(m, _initializer("bn.gamma", lambda a: a * np.inf)),
+    "no nodes": lambda m: _graph([], outputs=("x",)),
+}
+
+
+@pytest.mark.parametrize("case", list(ADVERSARIAL))
+@pytest.mark.parametrize("check", ["", "--no-check"])
+def test_adversarial_file_gets_a_clean_answer(case, check, capsys, tmp_path):
+    data = ADVERSARIAL[case](sample_model())
+    run_cli(capsys, tmp_path, data, *[a for a in [check] if a])
+
+
+def test_undefinable_affine_maps_are_declined(capsys, tmp_path):
+    """A BatchNorm with var + epsilon <= 0 is left in place, without numpy warnings on stderr."""
+    data = ADVERSARIAL["negative BN epsilon"](sample_model())
+    code, _, stderr = run_cli(capsys, tmp_path, data)
+    assert code == 0 and stderr == ""
+    assert "BatchNormalization" in [n.op_type for n in onnx.load(str(tmp_path / "out.onnx")).graph.node]
+
+
+CLI_FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@CLI_FUZZ
+@given(data=st.data())
+def test_corrupted_model_bytes(data, capsys, tmp_path_factory):
+    """Random truncations and byte flips of a valid model: exit 0 with a valid model, or exit 2 and
+    one line; never a traceback, never an internal error."""
+    raw = bytearray(sample_model().SerializeToString())
+    if data.draw(st.booleans(), "truncate"):
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1), "length")]
+    else:
+        for _ in range(data.draw(st.integers(1, 8), "flips")):
+            position = data.draw(st.integers(0, len(raw) - 1), "position")
+            raw[position] = data.draw(st.integers(0, 255), "byte")
+    run_cli(capsys, tmp_path_factory.mktemp("corrupt"), bytes(raw))
+
+
+@settings(CLI_FUZZ, max_examples=20)
+@given(data=st.binary(min_size=1, max_size=2000))
+def test_random_bytes(data, capsys, tmp_path_factory):
+    run_cli(capsys, tmp_path_factory.mktemp("bytes"), data)
+
+
+def test_no_traceback_from_the_installed_command(tmp_path):
+    """The real entry point, in its own process: one line on stderr, exit 2."""
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(sample_model().SerializeToString()[:100])
+    result = subprocess.run([sys.executable, "-m", "graphfold", str(path), "-o", str(tmp_path / "out.onnx")],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("graphfold: error: ")
+    assert "Traceback" not in result.stderr and result.stdout == ""
