@@ -235,6 +235,16 @@ def test_float16_weights_fold_in_float64_and_cast_back():
     np.testing.assert_array_equal(initializer(folded, "Conv", 2), (params["b"] * scale + shift).astype(np.float16))
 
 
+def test_float16_fold_that_would_overflow_is_declined():
+    model = typed_conv_bn(TensorProto.FLOAT16)
+    gamma = next(i for i in model.graph.initializer if i.name == "g")
+    gamma.CopyFrom(numpy_helper.from_array(np.full(4, 60000.0, np.float16), "g"))
+    folded, report = graphfold.fold(model)
+    assert report.rewrites == []
+    assert any("overflow float16" in d.reason for d in report.declines)
+    assert_valid(folded, model)
+
+
 def test_float64_weights_fold_exactly():
     """onnxruntime has no float64 Conv: the default run says so in one line; unvalidated, the
     fold matches onnx's reference evaluator to float64 rounding."""
