@@ -1,8 +1,8 @@
 """Property-based fuzzing with a fixed budget: random conv graphs must fold to equivalent models
 (or be left alone), and no file, however broken, gets more than one clear line and exit code 2.
 
-The conv graphs are chains of random blocks: convs with random kernels, strides, dilations,
-groups and (asymmetric) pads, BatchNorms, per-channel affine ops, parallel branches whose pads
+The conv graphs are 1-D, 2-D or 3-D chains of random blocks: convs with random kernels, strides,
+dilations, groups and (asymmetric or auto_pad) pads, BatchNorms, per-channel affine ops, parallel branches whose pads
 may or may not line up, identity skips, zero branches, and activations some of which are
 identities, sometimes with dynamic dims. Each runs through the default pipeline and
 ``--fold-all``; the result must pass the checker, have no more nodes, keep its outputs, and
@@ -44,28 +44,36 @@ def draw_pads(draw, total: int, aligned: int | None = None) -> tuple[int, int]:
 
 
 def conv_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str, list[int]]:
-    """One Conv with random geometry (and maybe a BatchNorm after it)."""
-    cin, h, w = shape
+    """One Conv with random geometry (explicit pads or auto_pad), maybe a BatchNorm after it."""
+    cin, spatial = shape[0], shape[1:]
     group = draw(st.sampled_from([g for g in (1, 2, 3, 4) if cin % g == 0]))
     cout = group * draw(st.integers(1, 3)) if group < cin else draw(st.sampled_from([cin, 2 * cin]))
-    kernel = [draw(st.sampled_from([1, 2, 3, 5])), draw(st.sampled_from([1, 3]))]
-    strides = [draw(st.sampled_from([1, 1, 2]))] * 2
-    dilations = [draw(st.sampled_from([1, 1, 2]))] * 2
-    pads_h = draw_pads(draw, draw(st.integers(0, dilations[0] * (kernel[0] - 1))))
-    pads_w = draw_pads(draw, draw(st.integers(0, dilations[1] * (kernel[1] - 1))))
-    oh = out_size(h, kernel[0], strides[0], dilations[0], *pads_h)
-    ow = out_size(w, kernel[1], strides[1], dilations[1], *pads_w)
-    assume(oh >= 1 and ow >= 1)
-    y = n.conv(x, name, cin, cout, kernel=kernel, bias=draw(st.booleans()), group=group, strides=strides,
-               dilations=dilations, pads=[pads_h[0], pads_w[0], pads_h[1], pads_w[1]])
+    kernel = [draw(st.sampled_from([1, 2, 3, 5]))] + [draw(st.sampled_from([1, 3])) for _ in spatial[1:]]
+    stride, dilation = draw(st.sampled_from([1, 1, 2])), draw(st.sampled_from([1, 1, 2]))
+    auto_pad = draw(st.sampled_from(["NOTSET"] * 5 + ["SAME_UPPER", "SAME_LOWER", "VALID"]))
+    if auto_pad == "NOTSET":
+        pads = [draw_pads(draw, draw(st.integers(0, dilation * (k - 1)))) for k in kernel]
+        out = [out_size(s, k, stride, dilation, *p) for s, k, p in zip(spatial, kernel, pads)]
+        attrs = {"pads": [p[0] for p in pads] + [p[1] for p in pads]}
+    elif auto_pad == "VALID":
+        out = [out_size(s, k, stride, dilation, 0, 0) for s, k in zip(spatial, kernel)]
+        attrs = {"auto_pad": auto_pad}
+    else:
+        dilation = 1  # onnxruntime has no dilated SAME_* convs
+        out = [-(-s // stride) for s in spatial]
+        attrs = {"auto_pad": auto_pad}
+    assume(all(o >= 1 for o in out))
+    y = n.conv(x, name, cin, cout, kernel=kernel, bias=draw(st.booleans()), group=group,
+               strides=[stride] * len(kernel), dilations=[dilation] * len(kernel), **attrs)
     if draw(st.booleans()):
         y = n.batchnorm(y, f"{name}.bn", cout, epsilon=draw(st.sampled_from([1e-5, 1e-3])))
-    return y, [cout, oh, ow]
+    return y, [cout, *out]
 
 
 def branch_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str, list[int]]:
     """sum_i conv_i(x) (+ x, + BN(x)): RepVGG/ACNet branches whose pads may not line up."""
-    cin, h, w = shape
+    cin, spatial = shape[0], shape[1:]
+    rank = len(spatial)
     big = draw(st.sampled_from([3, 5]))
     stride = draw(st.sampled_from([1, 1, 2]))
     total = draw(st.integers(0, big - 1))  # the largest branch's pads per axis
@@ -73,14 +81,15 @@ def branch_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str
     cout = cin if draw(st.booleans()) else draw(st.integers(1, 6))
     group = draw(st.sampled_from([g for g in (1, 2, 3) if cin % g == 0 and cout % g == 0]))
     terms = []
-    kernels = [(big, big)] + draw(st.lists(st.sampled_from([(1, 1), (3, 3), (1, 3), (3, 1)]), min_size=1, max_size=3))
-    for index, (kh, kw) in enumerate(kernels):
-        spare = [(big - kh), (big - kw)]
-        if spare[0] > total or spare[1] > total:
+    others = st.lists(st.sampled_from([1, 3]), min_size=rank, max_size=rank)
+    kernels = [[big] * rank] + draw(st.lists(others, min_size=1, max_size=3))
+    for index, kernel in enumerate(kernels):
+        spare = [big - k for k in kernel]
+        if max(spare) > total:
             continue  # this branch cannot reach the same output size
         pads = [draw_pads(draw, total - s, begin - s // 2) for s in spare]
-        y = n.conv(x, f"{name}.{index}", cin, cout, kernel=[kh, kw], bias=draw(st.booleans()), group=group,
-                   strides=[stride, stride], pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
+        y = n.conv(x, f"{name}.{index}", cin, cout, kernel=kernel, bias=draw(st.booleans()), group=group,
+                   strides=[stride] * rank, pads=[p[0] for p in pads] + [p[1] for p in pads])
         if draw(st.booleans()):
             y = n.batchnorm(y, f"{name}.{index}.bn", cout)
         terms.append(y)
@@ -89,29 +98,29 @@ def branch_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str
         terms.append(x)
     if same and draw(st.booleans()):
         terms.append(n.batchnorm(x, f"{name}.idbn", cin))
-    oh, ow = (out_size(s, big, stride, 1, 0, total) for s in (h, w))
-    assume(oh >= 1 and ow >= 1 and len(terms) >= 2)
+    out = [out_size(s, big, stride, 1, 0, total) for s in spatial]
+    assume(all(o >= 1 for o in out) and len(terms) >= 2)
     order = draw(st.permutations(terms))
     if draw(st.booleans()):
-        out = n.op("Sum", order, f"{name}.sum")
+        total_out = n.op("Sum", order, f"{name}.sum")
     else:
-        out = order[0]
+        total_out = order[0]
         for index, term in enumerate(order[1:]):
-            out = n.op("Add", [out, term], f"{name}.add{index}")
-    return out, [cout, oh, ow]
+            total_out = n.op("Add", [total_out, term], f"{name}.add{index}")
+    return total_out, [cout, *out]
 
 
 def skip_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str, list[int]]:
     """x + F(x), F a 'same' conv (maybe off-centre, maybe dilated), maybe zero, maybe with BN."""
-    cin = shape[0]
+    cin, rank = shape[0], len(shape) - 1
     kernel = draw(st.sampled_from([1, 2, 3, 5]))
     dilation = draw(st.sampled_from([1, 1, 2]))
     total = dilation * (kernel - 1)
-    pads = [draw_pads(draw, total, total // 2) for _ in range(2)]
+    pads = [draw_pads(draw, total, total // 2) for _ in range(rank)]
     zero = draw(st.integers(0, 4)) == 0
-    weight = n.const(f"{name}.w", np.zeros((cin, cin, kernel, kernel), np.float32)) if zero else None
-    y = n.conv(x, name, cin, cin, kernel=kernel, bias=not zero, weight=weight, dilations=[dilation] * 2,
-               pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
+    weight = n.const(f"{name}.w", np.zeros((cin, cin) + (kernel,) * rank, np.float32)) if zero else None
+    y = n.conv(x, name, cin, cin, kernel=[kernel] * rank, bias=not zero, weight=weight, dilations=[dilation] * rank,
+               pads=[p[0] for p in pads] + [p[1] for p in pads])
     if draw(st.booleans()):
         y = n.batchnorm(y, f"{name}.bn", cin, zero=draw(st.integers(0, 3)) == 0)
     terms = [x, y] if draw(st.booleans()) else [y, x]
@@ -122,7 +131,8 @@ def affine_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str
     """A conv, then Mul/Add/Sub/Div by a per-channel (or scalar, or neutral) constant."""
     y, shape = conv_block(draw, n, x, shape, name)
     op = draw(st.sampled_from(["Mul", "Add", "Sub", "Div"]))
-    form = draw(st.sampled_from([(1, shape[0], 1, 1), (shape[0], 1, 1), (1,), ()]))
+    ones = (1,) * (len(shape) - 1)
+    form = draw(st.sampled_from([(1, shape[0], *ones), (shape[0], *ones), (1,), ()]))
     if draw(st.integers(0, 3)) == 0:
         value = np.full(form, 1.0 if op in ("Mul", "Div") else 0.0, np.float32)
     else:
@@ -131,7 +141,8 @@ def affine_block(draw, n: Net, x: str, shape: list[int], name: str) -> tuple[str
     return n.op(op, [y, c] if op in ("Sub", "Div") or draw(st.booleans()) else [c, y], f"{name}.{op.lower()}"), shape
 
 
-def activation(draw, n: Net, x: str, channels: int, name: str) -> str:
+def activation(draw, n: Net, x: str, shape: list[int], name: str) -> str:
+    channels, ones = shape[0], (1,) * (len(shape) - 1)
     kind = draw(st.sampled_from(["none", "none", "Relu", "ReluRelu", "PRelu1", "PRelu", "LeakyRelu1",
                                  "LeakyRelu", "Clip", "ReluClip", "Sigmoid"]))
     if kind == "none":
@@ -146,8 +157,8 @@ def activation(draw, n: Net, x: str, channels: int, name: str) -> str:
         low, high = n.const(f"{name}.lo", np.array(0.0, np.float32)), n.const(f"{name}.hi", np.array(6.0, np.float32))
         return n.op("Clip", [x, low, high], f"{name}.clip")
     if kind.startswith("PRelu"):
-        slope = np.ones((channels, 1, 1), np.float32) if kind == "PRelu1" else \
-            n.rng.uniform(0.0, 0.5, (channels, 1, 1)).astype(np.float32)
+        slope = np.ones((channels, *ones), np.float32) if kind == "PRelu1" else \
+            n.rng.uniform(0.0, 0.5, (channels, *ones)).astype(np.float32)
         return n.op("PRelu", [x, n.const(f"{name}.slope", slope)], f"{name}.prelu")
     if kind.startswith("LeakyRelu"):
         return n.op("LeakyRelu", [x], f"{name}.leaky", alpha=1.0 if kind == "LeakyRelu1" else 0.1)
@@ -159,20 +170,23 @@ BLOCKS = {"conv": conv_block, "branches": branch_block, "skip": skip_block, "aff
 
 @st.composite
 def conv_graphs(draw) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
-    """A random conv net and the concrete input shape to compare it on."""
-    channels, h, w = draw(st.integers(1, 6)), draw(st.integers(5, 13)), draw(st.integers(5, 13))
+    """A random conv net (1-D, 2-D or 3-D) and the concrete input shape to compare it on."""
+    rank = draw(st.sampled_from([2, 2, 2, 1, 3]))
+    sizes = {1: (5, 20), 2: (5, 13), 3: (4, 7)}[rank]
+    channels, spatial = draw(st.integers(1, 6)), [draw(st.integers(*sizes)) for _ in range(rank)]
     dynamic = draw(st.integers(0, 4)) == 0
-    n = Net(["N", channels, "H", "W"] if dynamic else [1, channels, h, w], seed=draw(st.integers(0, 2**16)))
-    x, shape, outputs = n.x, [channels, h, w], []
+    dims = ["N", channels, *[f"D{i}" for i in range(rank)]] if dynamic else [1, channels, *spatial]
+    n = Net(dims, seed=draw(st.integers(0, 2**16)))
+    x, shape, outputs = n.x, [channels, *spatial], []
     for index in range(draw(st.integers(1, 5))):
         kind = draw(st.sampled_from(["conv", "conv", "branches", "skip", "affine"]))
         x, shape = BLOCKS[kind](draw, n, x, shape, f"b{index}")
-        x = activation(draw, n, x, shape[0], f"b{index}")
+        x = activation(draw, n, x, shape, f"b{index}")
         if draw(st.integers(0, 5)) == 0:
             outputs.append(x)  # an intermediate that is also a graph output
     outputs.append(x)
     model = n.model(*dict.fromkeys(outputs))
-    return model, {"x": [2 if dynamic else 1, channels, h, w]}
+    return model, {"x": [2 if dynamic else 1, channels, *spatial]}
 
 
 @FUZZ
