@@ -202,6 +202,72 @@ def test_random_conv_graphs_fold_to_equivalent_models(graph, fold_all):
     assert_same_outputs(model, folded, rtol=RTOL, seeds=(0, 1), shapes=shapes)
 
 
+@st.composite
+def dense_graphs(draw) -> onnx.ModelProto:
+    """Chains of Gemm (transB, alpha, beta, bias forms), MatMul (rank 2 or 3), per-feature
+    affine ops, BatchNorm and Relu."""
+    rank3 = draw(st.booleans())
+    features = draw(st.integers(1, 6))
+    n = Net(([2, 3] if rank3 else [3]) + [features], seed=draw(st.integers(0, 999)))
+    x = n.x
+    for index in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["gemm", "matmul", "affine", "bn", "relu"]))
+        out = draw(st.integers(1, 6))
+        if kind == "gemm" and not rank3:
+            trans_b = draw(st.booleans())
+            inputs = [x, n.random(f"g{index}.w", [out, features] if trans_b else [features, out], features)]
+            bias = draw(st.sampled_from([None, (out,), (1, out), ()]))
+            if bias is not None:
+                inputs.append(n.random(f"g{index}.b", list(bias)))
+            x = n.op("Gemm", inputs, f"g{index}", transB=int(trans_b), alpha=draw(st.sampled_from([1.0, 0.5])),
+                     beta=draw(st.sampled_from([1.0, 2.0])))
+            features = out
+        elif kind in ("gemm", "matmul"):
+            x = n.op("MatMul", [x, n.random(f"m{index}.w", [features, out], features)], f"m{index}")
+            features = out
+        elif kind == "affine":
+            op = draw(st.sampled_from(["Mul", "Add", "Sub", "Div"]))
+            form = draw(st.sampled_from([(features,), (1, features), ()]))
+            value = (n.rng.uniform(0.5, 2, form) * n.rng.choice([-1, 1], form)).astype(np.float32)
+            x = n.op(op, [x, n.const(f"a{index}.c", value)], f"a{index}")
+        elif kind == "bn" and not rank3:
+            x = n.batchnorm(x, f"bn{index}", features)
+        else:
+            x = n.op("Relu", [x], f"r{index}")
+    return n.model(x)
+
+
+@st.composite
+def conv_transpose_graphs(draw) -> onnx.ModelProto:
+    """A ConvTranspose (groups, strides, pads, output_padding) followed by a BN or an affine op."""
+    cin = draw(st.sampled_from([2, 4, 6]))
+    group = draw(st.sampled_from([g for g in (1, 2) if cin % g == 0]))
+    per_group, kernel, stride = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2]))
+    pad = draw(st.integers(0, kernel - 1))
+    n = Net([1, cin, 5, 6], seed=draw(st.integers(0, 99)))
+    inputs = [n.x, n.random("w", [cin, per_group, kernel, kernel], cin)]
+    if draw(st.booleans()):
+        inputs.append(n.random("b", [per_group * group]))
+    y = n.op("ConvTranspose", inputs, "ct", group=group, strides=[stride] * 2, pads=[pad] * 4,
+             output_padding=[draw(st.integers(0, stride - 1))] * 2)
+    if draw(st.booleans()):
+        y = n.batchnorm(y, "bn", per_group * group)
+    else:
+        value = n.rng.uniform(0.5, 2, (1, per_group * group, 1, 1)).astype(np.float32)
+        y = n.op(draw(st.sampled_from(["Mul", "Add", "Div", "Sub"])), [y, n.const("c", value)], "affine")
+    return n.model(y)
+
+
+@settings(FUZZ, max_examples=60)
+@given(st.one_of(dense_graphs(), conv_transpose_graphs()), st.booleans())
+def test_random_dense_and_transposed_layers_fold_to_equivalent_models(model, fold_all):
+    folded, report = fold_only(model, None, fold_all=fold_all)
+    onnx.checker.check_model(folded, full_check=True)
+    assert len(folded.graph.node) <= len(model.graph.node)
+    assert all(r.exact for r in report.rewrites)
+    assert_same_outputs(model, folded, rtol=RTOL)
+
+
 # --- broken and adversarial files through the command line ------------------------------------
 
 def sample_model() -> onnx.ModelProto:
