@@ -5,7 +5,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from graphfold import external
 from graphfold.kernels import ConvParams
@@ -54,6 +54,8 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     """The tensor's value if it is a constant (initializer or Constant node output), else None."""
     if isinstance(tensor, gs.Constant):
         lazy = tensor._values
+        if isinstance(lazy, SparseValues):
+            return None  # a sparse initializer is left as it is
         if isinstance(lazy, LazyValues) and external.is_external(lazy.tensor):
             # Weights left on disk are read through a memory map and not cached in the graph.
             return external.read(lazy.tensor)
