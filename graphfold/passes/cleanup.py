@@ -57,6 +57,7 @@ class FoldConstants(Pass):
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         quiet_graphsurgeon()
+        _float32_constants(ctx.graph)
         ctx.graph.toposort()
         # One onnxruntime session for all constants first; only if that fails, one per output
         # ("basic" partitioning copies the graph for each, quadratic on a large model).
@@ -89,6 +90,19 @@ def _may_fold(node: gs.Node) -> bool:
     if node.op.startswith(NON_TENSOR_PREFIXES):
         return False
     return not any(isinstance(a, gs.Graph) for a in node.attrs.values())
+
+
+def _float32_constants(graph: gs.Graph) -> None:
+    """Give Constant nodes' value_float(s) as float32 tensors: graphsurgeon would lower them with
+    numpy's default float64, and the folded model would not type-check."""
+    for node in graph.nodes:
+        if node.op == "Constant" and len(node.attrs) == 1 and node.outputs:
+            (name, value), = node.attrs.items()
+            if name in ("value_float", "value_floats") and isinstance(value, (float, int, list, tuple)):
+                node.attrs = {"value": gs.Constant(f"{node.outputs[0].name}.value", np.asarray(value, np.float32))}
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                _float32_constants(attr)
 
 
 def _result_bytes(ctx: FoldContext, node: gs.Node) -> int | None:
