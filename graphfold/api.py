@@ -7,6 +7,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphfold.approx import ApproximateStage, ApproxOptions
 from graphfold.calibration import CalibrationSource, load_calibration
@@ -142,6 +144,7 @@ def check(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, *,
 
 def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """The folded graph as a model carrying the original's model-level fields."""
+    _storable_strings(graph)
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = original.ir_version
     del out.opset_import[:]
@@ -157,6 +160,27 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     else:
         _restore_overridable(out, original)
     return out
+
+
+def _storable_strings(graph: gs.Graph) -> None:
+    """graphsurgeon writes a constant whose values were read (or computed) as raw data, which ONNX
+    forbids for strings: give it string tensors as TensorProtos again."""
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    constants += [a for node in graph.nodes for a in node.attrs.values() if isinstance(a, gs.Constant)]
+    for tensor in constants:
+        if _is_text(tensor.dtype):
+            tensor.to_constant(LazyValues(numpy_helper.from_array(np.asarray(tensor.values), tensor.name)))
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                _storable_strings(attr)
+
+
+def _is_text(dtype) -> bool:
+    try:
+        return np.dtype(dtype).kind in "OSU"
+    except TypeError:  # an ONNX type numpy lacks (bfloat16...)
+        return False
 
 
 def overridable_initializers(model: onnx.ModelProto) -> list[str]:
