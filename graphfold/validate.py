@@ -150,7 +150,12 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
     """Run both models on the same inputs and compare every output."""
     rtol = dtype_rtol(reference, rtol)
     ref_runner = Runner(reference, "original")
-    cand_runner = Runner(candidate, "optimized")
+    try:
+        cand_runner = Runner(candidate, "optimized")
+    except UsageError as exc:
+        # The original loads, so a result that does not is a failed result, not bad input.
+        return ValidationResult(False, [OutputError("*", float("inf"), float("inf"), 0.0, False, str(exc))], [],
+                                rtol, atol)
     missing = set(ref_runner.output_names) - set(cand_runner.output_names)
     if missing:
         return ValidationResult(False, [OutputError(n, float("inf"), float("inf"), 0.0, False, "missing")
