@@ -563,3 +563,53 @@ def test_static_dims_allow_the_border_corrected_merge():
     assert_valid(folded, model)
     assert report.counts()["merge-conv-chain"] == 1
     assert_same_outputs(model, folded)
+
+
+# --- odd but valid models ---------------------------------------------------------------------
+
+def test_sparse_initializer_is_left_alone():
+    values = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "w")
+    sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(np.array([0, 5], np.int64), "i"), [4, 4])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Identity", ["m"], ["y"])],
+                              "sparse", [helper.make_tensor_value_info("x", FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", FLOAT, [1, 4])], sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)  # shape inference cannot see a sparse initializer's shape
+    folded, report = graphfold.fold(model)
+    onnx.checker.check_model(folded)
+    assert op_types(folded) == ["MatMul"]
+    assert [s.values.name for s in folded.graph.sparse_initializer] == ["w"]
+
+
+@pytest.mark.parametrize("attr, value", [("value_floats", [1.0, 2.0, 3.0, 4.0]), ("value_float", 0.5)])
+def test_constant_node_float_attributes_fold_as_float32(attr, value):
+    nodes = [helper.make_node("Constant", [], ["c"], **{attr: value}), helper.make_node("Add", ["x", "c"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", FLOAT, [1, 4])],
+                       [helper.make_tensor_value_info("y", FLOAT, [1, 4])])
+    folded, report = graphfold.fold(model)
+    assert op_types(folded) == ["Add"]
+    assert [i.data_type for i in folded.graph.initializer] == [TensorProto.FLOAT]
+    assert_valid(folded, model)
+
+
+def test_string_constants_survive_folding():
+    value = helper.make_tensor_value_info
+    nodes = [helper.make_node("Constant", [], ["c"], value=helper.make_tensor("t", TensorProto.STRING, [1], [b"a"])),
+             helper.make_node("Identity", ["c"], ["d"]), helper.make_node("Concat", ["x", "d"], ["y"], axis=0)]
+    model = make_model(nodes, [value("x", TensorProto.STRING, [1])], [value("y", TensorProto.STRING, [2])])
+    folded, report = fold_only(model, None)  # no random strings to validate with
+    assert op_types(folded) == ["Concat"]
+    assert_valid(folded, model)
+    feeds = {"x": np.array(["b"], dtype=object)}
+    assert list(run_ort(folded, feeds)[0]) == list(run_ort(model, feeds)[0]) == ["b", "a"]
+
+
+def test_a_result_onnxruntime_cannot_load_fails_validation():
+    """The candidate failing where the original loads is a failed comparison (exit 1), not bad input."""
+    n = Net([1, 4])
+    n.op("Add", [n.x, n.const("one", np.ones(4, np.float32))], "y")
+    model = n.model("y")
+    broken = n.model("y", opset=6)  # onnxruntime has no Add-6 kernel
+    result = graphfold.check(model, broken)
+    assert not result.passed
+    assert "onnxruntime cannot run the optimized model" in result.outputs[0].note
