@@ -42,7 +42,8 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
          progress: Callable[[str], None] | None = None, calibration: CalibrationSource = None,
          labels: str | np.ndarray | None = None, tolerance: float = 0.0, snap_slope: float | None = None,
          epsilon: float | None = None, drop_branches: int = 0, target_depth: int | None = None,
-         allow_border: bool = False, approx_options: ApproxOptions | None = None) -> tuple[onnx.ModelProto, Report]:
+         allow_border: bool = False, approx_options: ApproxOptions | None = None,
+         freeze_initializer_inputs: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Fold ``model`` and, unless ``check`` is False, validate the result against it.
 
     Returns the optimized model and its ``Report``. Raises ``ValidationError`` (carrying the
@@ -55,11 +56,16 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     name; seeded random inputs without it) and all of them together stay within ``tolerance``,
     the largest accepted ``max|y' - y| / max|y|`` per output. Such a result is validated on the
     calibration data at ``tolerance``, whatever ``check`` says.
+
+    Initializers that are also graph inputs may be fed at run time, so they are not folded;
+    ``freeze_initializer_inputs`` takes them as the constants they are in most exports and
+    drops them from the inputs (validation still runs the original with their defaults).
     """
     original = as_model(model)
     # graphsurgeon prints warnings (bfloat16 weights...) to stdout while importing the model.
     quiet_graphsurgeon()
     check_input_shapes(original, input_shapes)
+    source = frozen_initializer_inputs(original) if freeze_initializer_inputs else original
     pipeline = build_pipeline(passes, skip_passes)
     options = approx_options or ApproxOptions(tolerance, snap_slope, epsilon, drop_branches, target_depth,
                                               allow_border)
@@ -68,17 +74,17 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     report = Report(before=model_stats(original, concrete), after={},
                     input_shapes=_safe_resolve(original, input_shapes))
     if options.requested or options.tolerance > 0 or calibration is not None or labels is not None:
-        folded = _fold_approximate(original, report, options, calibration, labels, passes, skip_passes, fold_all,
+        folded = _fold_approximate(source, report, options, calibration, labels, passes, skip_passes, fold_all,
                                    input_shapes, progress)
     else:
-        folded, report.rewrites, report.declines = _fold_exact(original, pipeline, fold_all, input_shapes, progress,
+        folded, report.rewrites, report.declines = _fold_exact(source, pipeline, fold_all, input_shapes, progress,
                                                                concrete)
     report.after = model_stats(folded, infer_concrete(folded, input_shapes))
-    overridable = overridable_initializers(original)
+    overridable = overridable_initializers(source)
     if overridable:
         report.notes.append(f"{len(overridable)} initializer(s) are also graph inputs, which a caller may feed "
                             f"at run time ({', '.join(overridable[:3])}{', ...' if len(overridable) > 3 else ''}): "
-                            "they were kept as inputs and not folded")
+                            "they were kept as inputs and not folded; --freeze-initializer-inputs folds them")
     if check and report.validation is None:
         report.validation = compare_models(original, folded, input_shapes=input_shapes, seeds=seeds,
                                            rtol=rtol, progress=progress)
@@ -181,6 +187,18 @@ def _is_text(dtype) -> bool:
         return np.dtype(dtype).kind in "OSU"
     except TypeError:  # an ONNX type numpy lacks (bfloat16...)
         return False
+
+
+def frozen_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose overridable initializers are plain constants (no longer inputs)."""
+    names = set(overridable_initializers(model))
+    if not names:
+        return model
+    frozen = _copy(model)
+    kept = [vi for vi in frozen.graph.input if vi.name not in names]
+    del frozen.graph.input[:]
+    frozen.graph.input.extend(kept)
+    return frozen
 
 
 def overridable_initializers(model: onnx.ModelProto) -> list[str]:

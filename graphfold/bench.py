@@ -172,7 +172,8 @@ def _session_options(threads: int, opt_level: str) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = OPT_LEVELS[opt_level]
-    options.log_severity_level = 3  # errors only; onnxruntime's warnings would flood the log
+    # Fatal only: a failure raises and becomes one line of ours; onnxruntime would print its own too.
+    options.log_severity_level = 4
     return options
 
 

@@ -82,6 +82,10 @@ def _pass_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-passes", metavar="A,B", help="run the default pipeline without these passes")
     parser.add_argument("--fold-all", action="store_true",
                         help="do every exact merge, even where the cost model predicts it is slower")
+    parser.add_argument("--freeze-initializer-inputs", action="store_true",
+                        help="fold weights that are also listed as graph inputs (old exports list every "
+                             "weight so); they stop being inputs. Without it they are left untouched, "
+                             "since a caller may feed them at run time")
 
 
 def _approximate(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +172,7 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
     try:
         model, report = api.fold(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
                                  fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
+                                 freeze_initializer_inputs=args.freeze_initializer_inputs,
                                  check=not args.no_check, progress=console.progress,
                                  **_approximate_kwargs(args))
     except ValidationError as exc:
@@ -241,6 +246,7 @@ def run_inspect(argv: Sequence[str]) -> int:
     _logging(args.verbose)
     report = api.inspect(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
                          fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
+                         freeze_initializer_inputs=args.freeze_initializer_inputs,
                          **_approximate_kwargs(args))
     if args.json:
         console.out(report.to_json())

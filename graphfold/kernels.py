@@ -51,6 +51,7 @@ __all__ = [
     "expand_groups",
     "identity_params",
     "merge_parallel",
+    "narrow",
     "output_spatial",
     "pad_kernel",
     "scale_before_conv",
@@ -69,6 +70,17 @@ def _out_dtype(*arrays: np.ndarray) -> np.dtype:
     # Folds keep the model's float type; anything non-float (never expected) becomes float64.
     dtype = np.result_type(*arrays)
     return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+
+
+def narrow(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values`` cast to the model's float type; a merge whose result does not fit is not made
+    (float16 weights multiplied together overflow to inf)."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating) and values.size:
+        largest = float(np.max(np.abs(values)))
+        if not np.isfinite(largest) or largest > float(np.finfo(dtype).max):
+            raise NotMergeable(f"the merged values (up to {largest:.3g}) overflow {dtype.name}")
+    return values.astype(dtype)
 
 
 def _per_channel(values: np.ndarray | float, count: int, name: str) -> np.ndarray:
@@ -430,7 +442,7 @@ def compose(first: ConvParams, second: ConvParams) -> ConvParams:
     else:
         weight, group = detect_groups(merged)
     dtype = _out_dtype(first.weight, second.weight)
-    return ConvParams(weight.astype(dtype), bias.astype(dtype), strides, dilations, pads, group)
+    return ConvParams(narrow(weight, dtype), narrow(bias, dtype), strides, dilations, pads, group)
 
 
 def border_correction(first: ConvParams, second: ConvParams, in_spatial: Sequence[int]) -> np.ndarray:
@@ -467,7 +479,7 @@ def border_correction(first: ConvParams, second: ConvParams, in_spatial: Sequenc
         # Always contract axis 1: tensordot appends the new output axis at the end.
         inside = np.tensordot(inside, lands, axes=([1], [1]))
     total = per_tap.reshape(m2, -1).sum(axis=1).reshape(m2, *[1] * second.rank)
-    return (inside - total)[None].astype(dtype)
+    return narrow((inside - total)[None], dtype)
 
 
 def _misaligned(branches: Sequence[ConvParams], axis: int, spans: list[int]) -> NotMergeable:
@@ -545,7 +557,7 @@ def merge_parallel(branches: Sequence[ConvParams]) -> ConvParams:
     weight, group = (merged, ref.group) if same_group else detect_groups(merged)
     bias = np.sum([_f64(b.bias) for b in branches], axis=0)
     dtype = _out_dtype(*(b.weight for b in branches))
-    return ConvParams(weight.astype(dtype), bias.astype(dtype), ref.strides, dilations, pads, group)
+    return ConvParams(narrow(weight, dtype), narrow(bias, dtype), ref.strides, dilations, pads, group)
 
 
 def compose_matmul(
@@ -556,7 +568,7 @@ def compose_matmul(
     if w1.ndim != 2 or w2.ndim != 2 or w1.shape[1] != w2.shape[0]:
         raise NotMergeable(f"matrices do not chain: {w1.shape} then {w2.shape}")
     dtype = _out_dtype(w1, w2)
-    weight = (_f64(w1) @ _f64(w2)).astype(dtype)
+    weight = narrow(_f64(w1) @ _f64(w2), dtype)
     if b1 is None and b2 is None:
         return weight, None
     bias = np.zeros(w2.shape[1])
@@ -566,4 +578,4 @@ def compose_matmul(
         bias = bias + np.broadcast_to(b1, np.broadcast_shapes(b1.shape, (w1.shape[1],))) @ _f64(w2)
     if b2 is not None:
         bias = bias + _f64(b2)
-    return weight, bias.astype(dtype)
+    return weight, narrow(bias, dtype)

@@ -431,9 +431,6 @@ def test_no_traceback_from_the_installed_command(tmp_path):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-@pytest.mark.xfail(strict=True, reason="bench.py keeps onnxruntime's error log on (log_severity_level 3): a model "
-                                       "that fails at run time prints a coloured onnxruntime line before ours; "
-                                       "fix: log_severity_level = 4 in bench._session_options")
 def test_bench_refusal_is_one_line(tmp_path):
     path = tmp_path / "group0.onnx"
     path.write_bytes(ADVERSARIAL["group 0"](sample_model()))

@@ -169,6 +169,18 @@ def test_initializers_that_are_graph_inputs_are_left_overridable():
     np.testing.assert_allclose(run_ort(folded, feeds)[0], run_ort(model, feeds)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_freeze_initializer_inputs_folds_them_and_drops_them_from_the_inputs():
+    n = conv_bn()
+    n.conv("y", "z", 4, 4, kernel=1)
+    model = n.model("z", opset=13)
+    model.graph.input.append(helper.make_tensor_value_info("conv.w", FLOAT, [4, 3, 3, 3]))
+    folded, report = graphfold.fold(model, freeze_initializer_inputs=True)
+    assert report.counts()["fold-batchnorm"] == 1
+    assert [i.name for i in folded.graph.input] == ["x"]
+    assert not any("graph inputs" in note for note in report.notes)
+    assert_same_outputs(model, folded)  # the original runs with the initializer's default value
+
+
 # --- outputs and shared weights ---------------------------------------------------------------
 
 def test_several_outputs_one_of_them_an_intermediate():
@@ -266,11 +278,6 @@ def scaled_float16_model(second: str) -> onnx.ModelProto:
                       inits)
 
 
-@pytest.mark.xfail(strict=True, reason="merge-conv-chain and merge-parallel-branches cast merged float16 weights "
-                                       "back without a range check: they overflow to inf (numpy warns on stderr) "
-                                       "and the default run fails validation (exit 1) instead of declining; fix: "
-                                       "Reject when max|merged weight or bias| > np.finfo(dtype).max in "
-                                       "conv_chain._compose_exact and MergeParallelBranches.check")
 @pytest.mark.parametrize("second", ["chain", "branches"])
 def test_float16_merge_that_would_overflow_is_declined(second):
     import warnings

@@ -139,6 +139,16 @@ def _best_split(sizes: list[tuple[int, int]], runs: list[tuple[int, int]],
     return segments
 
 
+def _compose(segment: list[Layer]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one layer equal to ``segment``: its weight and bias (None when no layer has one), in
+    the model's dtype (NotMergeable when they do not fit it)."""
+    weight, bias = segment[0].weight(), segment[0].bias()
+    for layer in segment[1:]:
+        weight, bias = kernels.compose_matmul(weight, bias, layer.weight(), layer.bias())
+    dtype = float_const(segment[0].node.inputs[1]).dtype
+    return kernels.narrow(weight, dtype), None if bias is None else kernels.narrow(bias, dtype)
+
+
 class MergeMatMulChains(Pass):
     name = "merge-matmul-chain"
     summary = "merge chains of MatMul/Gemm layers with constant 2-D weights into one layer"
@@ -173,7 +183,11 @@ class MergeMatMulChains(Pass):
         segments = _best_split(sizes, _runs(reasons), ctx.options.fold_all)
         merged = [seg for seg in segments if seg[1] - seg[0] > 1]
         if merged:
-            match.data["segments"] = merged
+            try:
+                # Composed here, not in rewrite, so a product that does not fit the dtype declines.
+                match.data["segments"] = [(start, stop, _compose(layers[start:stop])) for start, stop in merged]
+            except kernels.NotMergeable as exc:
+                return Reject(str(exc))
             return Exact()
         first = next((reason for reason in reasons if reason), None)
         if first:
@@ -184,15 +198,11 @@ class MergeMatMulChains(Pass):
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         layers: list[Layer] = match.data["layers"]
         removed, added, parts = [], [], []
-        for start, stop in match.data["segments"]:
+        for start, stop, (weight, bias) in match.data["segments"]:
             segment = layers[start:stop]
-            weight, bias = segment[0].weight(), segment[0].bias()
-            for layer in segment[1:]:
-                weight, bias = kernels.compose_matmul(weight, bias, layer.weight(), layer.bias())
-            dtype = float_const(segment[0].node.inputs[1]).dtype
             nodes = [n for layer in segment for n in layer.nodes]
             detach(nodes)
-            new = self._emit(ctx, segment, weight.astype(dtype), None if bias is None else bias.astype(dtype))
+            new = self._emit(ctx, segment, weight, bias)
             ctx.graph.nodes.extend(new)
             removed.extend(nodes)
             added.extend(new)

@@ -15,6 +15,7 @@ from graphfold.train.data import DigitsSplit, load_digits_split
 from graphfold.train.eps_resnet import (
     EpsilonGate,
     deploy_epsilon_resnet,
+    drop_gates,
     epsilon_gate,
     gate_sparsity_loss,
     set_epsilon,
@@ -53,6 +54,7 @@ __all__ = [
     "add_skip_weights",
     "clip_slopes",
     "deploy_epsilon_resnet",
+    "drop_gates",
     "epsilon_gate",
     "erase_lowest_priority",
     "evaluate",

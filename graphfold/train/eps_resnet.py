@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EpsilonGate",
     "deploy_epsilon_resnet",
+    "drop_gates",
     "epsilon_gate",
     "gate_sparsity_loss",
     "gated_units",
@@ -122,17 +123,22 @@ def switched_off_units(model: nn.Module, batches: Iterable[torch.Tensor]) -> lis
     return off
 
 
-def deploy_epsilon_resnet(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[str]:
-    """Erase the switched-off units and replace the other gates by the identity; return the erased names.
+def drop_gates(model: nn.Module) -> None:
+    """Replace every remaining gate by the identity: a plain ResNet, every branch still in place.
 
     Dropping an open gate is what the paper deploys; it differs from the trained model only on an
     input batch whose branch response stays entirely within eps, where that model would gate it off.
+    graphfold's ``epsilon`` option can then remove the small branches from the ONNX graph instead.
     """
+    for _, unit in gated_units(model):
+        unit.gate = nn.Identity()
+
+
+def deploy_epsilon_resnet(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[str]:
+    """Erase the switched-off units and drop the other gates (:func:`drop_gates`); return the erased names."""
     off = switched_off_units(model, batches)
     units = dict(gated_units(model))
-    for name, unit in units.items():
-        if name in off:
-            unit.erase()
-        else:
-            unit.gate = nn.Identity()
+    for name in off:
+        units[name].erase()
+    drop_gates(model)
     return off

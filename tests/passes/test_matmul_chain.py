@@ -242,3 +242,12 @@ def test_whatever_merges_matches_onnxruntime(layers, fold_all):
     if fold_all:
         assert len(report.rewrites) == 1 and len([o for o in op_types(folded) if o != "Add"]) == 1
     assert_same_outputs(model, folded, seeds=(0,))
+
+
+def test_declines_a_float16_product_that_overflows():
+    value = helper.make_tensor_value_info
+    w = np.full((4, 4), 300.0, np.float16)  # each product entry is 4 * 300 * 300 = 360000 > 65504
+    model = make_model([helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
+                       [value("x", TensorProto.FLOAT16, [2, 4])], [value("y", TensorProto.FLOAT16, [2, 4])],
+                       [onnx.numpy_helper.from_array(w, "w1"), onnx.numpy_helper.from_array(w, "w2")])
+    assert_declines(model, CHAIN, "overflow float16", fold_all=True)
