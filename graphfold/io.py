@@ -17,7 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graphfold.errors import UsageError
-from graphfold.external import absolutize, external_bytes, has_external_refs, load_all, save_streaming
+from graphfold.external import absolutize, all_tensors, external_bytes, has_external_refs, load_all, save_streaming
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     ``ByteSize()``, which walks the whole message and costs as much as serializing it.
     """
     total = 0
-    for tensor in _tensors(model.graph):
+    for tensor in all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
             continue  # not loaded: it stays where it is
         itemsize = 8 if tensor.data_type in _WIDE_TYPES else 4
@@ -45,19 +45,6 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 
 _WIDE_TYPES = {onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
                onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128, onnx.TensorProto.STRING}
-
-
-def _tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _tensors(sub)
 
 
 # External weights beyond this stay on disk (see external.py); smaller ones are loaded, so the

@@ -101,7 +101,9 @@ class Runner:
 
 
 def compare_outputs(name: str, ref: object, out: object, rtol: float, atol: float) -> OutputError:
-    """Compare one output pair."""
+    """Compare one output pair: tensors, or sequences of them (element by element, worst kept)."""
+    if isinstance(ref, (list, tuple)) or ref is None:
+        return _compare_sequences(name, ref, out, rtol, atol)
     try:
         ref_arr, out_arr = np.asarray(ref), np.asarray(out)
     except Exception:
@@ -132,6 +134,17 @@ def compare_outputs(name: str, ref: object, out: object, rtol: float, atol: floa
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     passed = max_abs <= atol + rtol * scale
     return OutputError(name, max_abs, max_rel, scale, passed)
+
+
+def _compare_sequences(name: str, ref: object, out: object, rtol: float, atol: float) -> OutputError:
+    if ref is None or out is None:
+        same = ref is None and out is None
+        return OutputError(name, 0.0 if same else float("inf"), 0.0 if same else float("inf"), 0.0, same,
+                           "" if same else "one optional output is empty")
+    if not isinstance(out, (list, tuple)) or len(out) != len(ref):
+        return OutputError(name, float("inf"), float("inf"), 0.0, False, "sequence lengths differ")
+    errors = [compare_outputs(name, r, o, rtol, atol) for r, o in zip(ref, out)]
+    return max(errors, key=lambda e: (not e.passed, e.max_rel), default=OutputError(name, 0.0, 0.0, 0.0, True))
 
 
 def dtype_rtol(model: onnx.ModelProto, rtol: float) -> float:

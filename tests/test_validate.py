@@ -204,3 +204,13 @@ def test_initializers_listed_as_inputs_are_not_fed():
     model = scaled_model(2.0)
     model.graph.input.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, []))
     assert set(make_inputs(model)) == {"x"}
+
+
+def test_sequence_outputs_are_compared_element_by_element():
+    a = np.ones((2, 3), np.float32)
+    assert compare_outputs("s", [a, a], [a, a], 1e-4, 1e-6).passed
+    worst = compare_outputs("s", [a, a], [a, a + np.float32(0.5)], 1e-4, 1e-6)
+    assert not worst.passed and worst.max_abs == pytest.approx(0.5)
+    assert not compare_outputs("s", [a, a], [a], 1e-4, 1e-6).passed
+    assert compare_outputs("o", None, None, 1e-4, 1e-6).passed  # an empty optional output
+    assert not compare_outputs("o", None, [a], 1e-4, 1e-6).passed
