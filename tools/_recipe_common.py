@@ -37,10 +37,11 @@ from models.vgg import vgg_small  # noqa: E402
 ARCHS = {"resnet20": resnet20, "resnet56": resnet56, "mobilenetv2": mobilenetv2_small, "vgg": vgg_small}
 
 
-def parser(name: str, description: str, epochs: int, arch: str) -> argparse.ArgumentParser:
+def parser(name: str, description: str, epochs: int, arch: str | None) -> argparse.ArgumentParser:
     """The arguments every recipe takes; recipes add their own method's knobs."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--arch", default=arch, choices=sorted(ARCHS), help=f"network (default {arch})")
+    if arch is not None:
+        p.add_argument("--arch", default=arch, choices=sorted(ARCHS), help=f"network (default {arch})")
     p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
     p.add_argument("--size", type=int, default=16, help="input side after upsampling the 8x8 digits")
@@ -167,27 +168,29 @@ def _fmt_macs(macs: int | None) -> str:
     return "?" if macs is None else f"{macs / 1e6:.2f}M"
 
 
-def markdown_table(rows: list[Row]) -> str:
+def markdown_table(rows: list[Row], versus_first: bool = True) -> str:
+    """The recipe's table; ``versus_first`` adds the conv count change against the first row."""
     base = rows[0].convs_folded
+    versus = " convs vs baseline |" if versus_first else ""
     lines = [
-        "| method | convs before -> after graphfold | convs vs baseline | params | MACs "
+        f"| method | convs before -> after graphfold |{versus} params | MACs "
         "| test acc PyTorch | test acc folded ONNX | latency folded/baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---" * (7 + versus_first) + "|",
     ]
     for row in rows:
-        change = 100.0 * (row.convs_folded - base) / base
+        change = f" {100.0 * (row.convs_folded - base) / base:+.0f}% |" if versus_first else ""
         ratio = "-" if row.latency_ratio is None else f"{row.latency_ratio:.2f} ({row.latency_ms:.3f} ms)"
         lines.append(
-            f"| {row.method} | {row.convs_export} -> {row.convs_folded} | {change:+.0f}% | {row.params:,} "
+            f"| {row.method} | {row.convs_export} -> {row.convs_folded} |{change} {row.params:,} "
             f"| {_fmt_macs(row.macs)} | {row.acc_torch:.2f}% | {row.acc_onnx:.2f}% | {ratio} |")
     return "\n".join(lines)
 
 
 def finish(rows: list[Row], data: DigitsSplit, args: argparse.Namespace, title: str,
-           extra: dict | None = None, note: str = "") -> None:
+           extra: dict | None = None, note: str = "", versus_first: bool = True) -> None:
     """Time the rows, then print the table and save it as table.md and results.json."""
     measure_latency(rows, args)
-    table = markdown_table(rows)
+    table = markdown_table(rows, versus_first)
     elapsed = time.time() - args.started[0]
     cpu = time.process_time() - args.started[1]
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
