@@ -14,7 +14,6 @@ Which branches may be erased, and when, is each method's business; this module o
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Optional
 
 import torch
 from torch import nn
@@ -35,10 +34,10 @@ class Residual(nn.Module):
     def __init__(
         self,
         branch: nn.Module,
-        shortcut: Optional[nn.Module] = None,
-        post: Optional[nn.Module] = None,
-        gate: Optional[nn.Module] = None,
-        skip: Optional[nn.Module] = None,
+        shortcut: nn.Module | None = None,
+        post: nn.Module | None = None,
+        gate: nn.Module | None = None,
+        skip: nn.Module | None = None,
         input_nonnegative: bool = False,
     ) -> None:
         super().__init__()
