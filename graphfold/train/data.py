@@ -37,6 +37,10 @@ def _to_images(x: np.ndarray, size: int) -> torch.Tensor:
     return images.contiguous()
 
 
+def _to_labels(y: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
 def load_digits_split(size: int = 16, val_fraction: float = 0.0) -> DigitsSplit:
     """Train / validation / test tensors; ``val_fraction`` of the training part becomes validation."""
     from sklearn.datasets import load_digits
@@ -50,11 +54,10 @@ def load_digits_split(size: int = 16, val_fraction: float = 0.0) -> DigitsSplit:
             x_train, y_train, test_size=val_fraction, random_state=0, stratify=y_train)
     else:
         x_val, y_val = x_train[:0], y_train[:0]
-    as_labels = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))  # noqa: E731
     return DigitsSplit(
-        _to_images(x_train, size), as_labels(y_train),
-        _to_images(x_val, size), as_labels(y_val),
-        _to_images(x_test, size), as_labels(y_test),
+        _to_images(x_train, size), _to_labels(y_train),
+        _to_images(x_val, size), _to_labels(y_val),
+        _to_images(x_test, size), _to_labels(y_test),
     )
 
 

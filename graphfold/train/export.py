@@ -32,8 +32,8 @@ def _inline_identity_initializers(model: onnx.ModelProto) -> int:
     keep, count = [], 0
     for node in graph.node:
         if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
-            copy = numpy_helper.from_array(numpy_helper.to_array(inits[node.input[0]]), node.output[0])
-            graph.initializer.append(copy)
+            clone = numpy_helper.from_array(numpy_helper.to_array(inits[node.input[0]]), node.output[0])
+            graph.initializer.append(clone)
             count += 1
         else:
             keep.append(node)
