@@ -1,6 +1,7 @@
 """The Python API: ``fold``, ``inspect`` and ``check``; the CLI is a thin layer over these."""
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -106,7 +107,13 @@ def _fold_exact(original: onnx.ModelProto, pipeline: Sequence, fold_all: bool, i
         ctx.scope.spill = Spill()  # lives until the process ends: the result refers to it
     rewrites = run_pipeline(ctx, pipeline, progress)
     folded = export(graph, original) if rewrites else _copy(original)
-    return folded, rewrites, list(ctx.declines)
+    declines = list(ctx.declines)
+    # A graphsurgeon graph is a web of reference cycles holding every weight, old and new: free
+    # it now rather than whenever the cyclic collector runs, or the next model folded (or the
+    # save that follows) finds it still in memory.
+    del ctx, graph
+    gc.collect()
+    return folded, rewrites, declines
 
 
 def _fold_approximate(original: onnx.ModelProto, report: Report, options: ApproxOptions,

@@ -5,6 +5,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from graphfold import external
@@ -59,6 +60,9 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
         if isinstance(lazy, LazyValues) and external.is_external(lazy.tensor):
             # Weights left on disk are read through a memory map and not cached in the graph.
             return external.read(lazy.tensor)
+        if isinstance(lazy, LazyValues) and helper.tensor_dtype_to_np_dtype(lazy.tensor.data_type) != object:
+            # graphsurgeon's own load copies every weight twice; one copy is enough.
+            tensor.values = numpy_helper.to_array(lazy.tensor)
         return np.asarray(tensor.values)
     if tensor is not None and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         attrs = tensor.inputs[0].attrs

@@ -92,25 +92,77 @@ def load_model(path: str, *, check: bool = True, lazy: bool | None = None) -> on
 def check_model(model: onnx.ModelProto, path: str = "model", on_disk: bool = False) -> None:
     """Run ``onnx.checker`` and the opset test, turning failures into one ``UsageError`` line.
 
-    With ``on_disk`` the checker reads ``path`` itself, which is faster than handing it the
-    in-memory model (it would serialize it first) and needs no copy of a model over 2 GB.
+    The checker sees the model with each weight cut to one element (it checks structure, types
+    and schemas, not values, and would otherwise serialize every weight), after the weights'
+    byte counts are checked against their dims here. A model whose weights stay on disk is
+    checked from ``path`` (``on_disk``), so the checker also sees its data files.
     """
     _check_opsets(model, path)
     try:
-        if on_disk:
+        if on_disk and has_external_refs(model):
             onnx.checker.check_model(path)
-        elif needs_external_data(model):
-            # The checker serializes its argument; a large model must be checked from disk.
-            with tempfile.TemporaryDirectory() as tmp:
-                tmp_path = os.path.join(tmp, "model.onnx")
-                _save(model, tmp_path)
-                onnx.checker.check_model(tmp_path)
         else:
-            onnx.checker.check_model(model)
+            _check_data_sizes(model, path)
+            onnx.checker.check_model(weightless(model))
+    except UsageError:
+        raise
     except onnx.checker.ValidationError as exc:
         raise UsageError(f"{path}: invalid ONNX graph: {_first_line(exc)}") from None
     except Exception as exc:  # the checker may raise other errors on broken protos
         raise UsageError(f"{path}: invalid ONNX graph: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every field but the main graph's initializers."""
+    copy = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(copy, field.name, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(copy.graph, field.name, value)
+    return copy
+
+
+def _copy_field(target, name: str, value) -> None:
+    if isinstance(value, (bool, int, float, str, bytes)):
+        setattr(target, name, value)
+    elif hasattr(value, "extend"):
+        getattr(target, name).extend(value)
+    else:
+        getattr(target, name).CopyFrom(value)
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each fixed-size weight cut to one zero element (same names and types)."""
+    copy = without_initializers(model)
+    for init in model.graph.initializer:
+        itemsize = _ITEMSIZE.get(init.data_type)
+        if itemsize and init.HasField("raw_data"):
+            copy.graph.initializer.add(name=init.name, data_type=init.data_type, dims=[1], raw_data=b"\0" * itemsize)
+        else:
+            copy.graph.initializer.append(init)
+    return copy
+
+
+# Element sizes of the types whose raw data is one fixed-size item per element.
+_ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+             onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+             onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
+             onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+             onnx.TensorProto.BOOL: 1}
+
+
+def _check_data_sizes(model: onnx.ModelProto, path: str) -> None:
+    for tensor in all_tensors(model.graph):
+        itemsize = _ITEMSIZE.get(tensor.data_type)
+        if not itemsize or not tensor.HasField("raw_data"):
+            continue
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        size = len(tensor.raw_data)
+        if size != expected:
+            raise UsageError(f"{path}: invalid ONNX graph: tensor {tensor.name!r} holds {size} "
+                             f"bytes, but its dims {list(tensor.dims)} need {expected}")
 
 
 def _check_opsets(model: onnx.ModelProto, path: str) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from graphfold.inputs import real_inputs, resolve_shape
+from graphfold.io import without_initializers
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,8 @@ KEEP_DATA_ELEMENTS = 4096
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose large initializers have dims but no data."""
-    skel = onnx.ModelProto()
-    skel.ir_version = model.ir_version
-    skel.opset_import.extend(model.opset_import)
-    skel.functions.extend(model.functions)
+    skel = without_initializers(model)
     graph = skel.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
     for init in model.graph.initializer:
         if int(np.prod(init.dims, dtype=np.int64)) <= KEEP_DATA_ELEMENTS and \
                 init.data_location != onnx.TensorProto.EXTERNAL:
