@@ -18,8 +18,10 @@ from typing import Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from graphfold.stats import iter_graphs
 
 # Tensors smaller than this stay inside the model proto, as onnx's own writer does.
 INLINE_BYTES = 1024
@@ -28,16 +30,10 @@ COPY_CHUNK = 64 * 2**20
 
 def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Initializers and Constant-node tensors, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from all_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from all_tensors(sub)
+    for sub in iter_graphs(graph):
+        yield from sub.initializer
+        for node in sub.node:
+            yield from (attr.t for attr in node.attribute if attr.type == onnx.AttributeProto.TENSOR)
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:

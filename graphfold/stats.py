@@ -17,16 +17,22 @@ CONV_OPS = {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"}
 LAYER_OPS = CONV_OPS | {"Gemm", "MatMul", "QLinearMatMul", "MatMulInteger"}
 
 
-def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node, those inside If/Loop/Scan bodies included."""
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every If/Loop/Scan body inside it, depth first."""
+    yield graph
     for node in graph.node:
-        yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_nodes(attr.g)
+                yield from iter_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from iter_nodes(sub)
+                    yield from iter_graphs(sub)
+
+
+def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node, those inside If/Loop/Scan bodies included."""
+    for sub in iter_graphs(graph):
+        yield from sub.node
 
 
 def depth(graph: onnx.GraphProto) -> int:
