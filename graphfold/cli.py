@@ -20,8 +20,6 @@ from graphfold.inputs import parse_input_shape
 from graphfold.io import ensure_writable, save_model
 from graphfold.passes import DEFAULT_PIPELINE
 
-SUBCOMMANDS = ("check", "inspect", "bench")
-
 MAIN_EPILOG = """\
 subcommands (run 'graphfold SUBCOMMAND --help'):
   graphfold check A.onnx B.onnx      are two models numerically equivalent?
@@ -301,17 +299,18 @@ def _logging(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+SUBCOMMANDS = {"check": run_check, "inspect": run_inspect, "bench": run_bench}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = "-q" in argv or "--quiet" in argv
     console = Console(quiet)
     try:
-        if argv and argv[0] == "check":
-            return run_check(argv[1:])
-        if argv and argv[0] == "inspect":
-            return run_inspect(argv[1:])
-        if argv and argv[0] == "bench":
-            return run_bench(argv[1:])
+        # A model file named like a subcommand is still reachable as ./check.
+        subcommand = SUBCOMMANDS.get(argv[0]) if argv else None
+        if subcommand is not None:
+            return subcommand(argv[1:])
         args = main_parser().parse_args(argv)
         _logging(args.verbose)
         return run_fold(args, console)
