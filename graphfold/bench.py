@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from graphfold import io as model_io
-from graphfold.errors import UsageError
+from graphfold.errors import UsageError, first_line
 from graphfold.inputs import make_inputs, real_inputs, resolve_shapes
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _warm_up(label: str, session: ort.InferenceSession, feeds: dict[str, np.ndar
         session.run(None, feeds)
     except Exception as exc:
         shapes = {name: list(array.shape) for name, array in feeds.items()}
-        raise UsageError(f"onnxruntime cannot run {label} on inputs {shapes}: {_first_line(exc)}") from exc
+        raise UsageError(f"onnxruntime cannot run {label} on inputs {shapes}: {first_line(exc)}") from exc
     for _ in range(warmup - 1):
         session.run(None, feeds)
 
@@ -182,7 +182,7 @@ def _session(label: str, source: str | bytes, options: ort.SessionOptions,
     try:
         session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
-        raise UsageError(f"onnxruntime cannot load {label}: {_first_line(exc)}") from exc
+        raise UsageError(f"onnxruntime cannot load {label}: {first_line(exc)}") from exc
     if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != providers[0]:
         raise UsageError(f"onnxruntime could not place {label} on CUDA (got {session.get_providers()})")
     return session
@@ -193,27 +193,19 @@ def _prepare(model: ModelSource, index: int,
     """A label, what InferenceSession should load, and the graph (weights not needed) for inputs."""
     if isinstance(model, onnx.ModelProto):
         label = f"model[{index}]" + (f" {model.graph.name}" if model.graph.name else "")
-        if not model_io.needs_external_data(model):
-            return label, model.SerializeToString(), model
-        # Too big to serialize in one piece: onnxruntime reads it from a file with external data.
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="graphfold-bench-"))
-        path = os.path.join(folder, "model.onnx")
-        log.info("%s is over 2 GB; saving it with external data to %s", label, folder)
-        model_io.save_model(model, path)
-        return label, path, model
+        source = model_io.session_source(model, folder)
+        if isinstance(source, str):
+            log.info("%s cannot be one protobuf message; saved it with external data to %s", label, folder)
+        return label, source, model
     path = os.fspath(model)
     if not os.path.isfile(path):
         raise UsageError(f"no such model file: {path}")
     try:
         graph_model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise UsageError(f"cannot read {path} as an ONNX model: {_first_line(exc)}") from exc
+        raise UsageError(f"cannot read {path} as an ONNX model: {first_line(exc)}") from exc
     return path, path, graph_model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _check_same_inputs(labels: list[str], graphs: list[onnx.ModelProto]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphfold.errors import UsageError
+from graphfold.errors import UsageError, first_line
 from graphfold.inputs import ShapeMap, random_array, real_inputs, resolve_shape
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _read(source: CalibrationSource, names: Sequence[str]) -> tuple[str, dict[st
         try:
             return path, {key: loaded[key] for key in loaded.files}
         except Exception as exc:
-            raise UsageError(f"{path}: cannot read its arrays ({_first_line(exc)})") from None
+            raise UsageError(f"{path}: cannot read its arrays ({first_line(exc)})") from None
 
 
 def _load(path: str, what: str):
@@ -142,7 +142,7 @@ def _load(path: str, what: str):
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise UsageError(f"{path}: not a .npz/.npy file numpy can read ({_first_line(exc)})") from None
+        raise UsageError(f"{path}: not a .npz/.npy file numpy can read ({first_line(exc)})") from None
 
 
 def _read_labels(labels: str | os.PathLike | np.ndarray) -> np.ndarray:
@@ -271,8 +271,3 @@ def top1_accuracy(outputs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -
 def _dims_text(dims) -> str:
     return ", ".join(str(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
                      for d in dims)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

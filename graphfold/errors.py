@@ -16,3 +16,12 @@ class ValidationError(GraphfoldError):
     """The optimized model does not match the original (exit 1); nothing is written."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, fallback: str | None = None) -> str:
+    """The first line of an exception's message (at most 300 characters), for one-line errors;
+    ``fallback`` (the exception's type name by default) when the message is empty."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if fallback is None else fallback
+    return text.splitlines()[0][:300]

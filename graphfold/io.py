@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from graphfold.errors import UsageError
+from graphfold.errors import UsageError, first_line
 from graphfold.external import absolutize, all_tensors, external_bytes, has_external_refs, load_all, save_streaming
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,12 @@ def load_model(path: str, *, check: bool = True, lazy: bool | None = None) -> on
             if not (lazy if lazy is not None else external_bytes(model) >= LAZY_EXTERNAL_BYTES):
                 load_all(model)
     except DecodeError as exc:
-        raise UsageError(f"{path}: not an ONNX model or truncated ({_first_line(exc) or 'protobuf parse failed'})") from None
+        raise UsageError(f"{path}: not an ONNX model or truncated ({first_line(exc, 'protobuf parse failed')})") from None
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         # Missing or short external data files surface here.
-        raise UsageError(f"{path}: cannot read model data: {_first_line(exc)}") from None
+        raise UsageError(f"{path}: cannot read model data: {first_line(exc, '')}") from None
     except Exception as exc:  # protobuf raises assorted types on garbage input
-        raise UsageError(f"{path}: not an ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise UsageError(f"{path}: not an ONNX model ({type(exc).__name__}: {first_line(exc, '')})") from None
     if not model.HasField("graph"):
         raise UsageError(f"{path}: not an ONNX model (no graph)")
     if check:
@@ -107,9 +107,9 @@ def check_model(model: onnx.ModelProto, path: str = "model", on_disk: bool = Fal
     except UsageError:
         raise
     except onnx.checker.ValidationError as exc:
-        raise UsageError(f"{path}: invalid ONNX graph: {_first_line(exc)}") from None
+        raise UsageError(f"{path}: invalid ONNX graph: {first_line(exc, '')}") from None
     except Exception as exc:  # the checker may raise other errors on broken protos
-        raise UsageError(f"{path}: invalid ONNX graph: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise UsageError(f"{path}: invalid ONNX graph: {type(exc).__name__}: {first_line(exc, '')}") from None
 
 
 def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -228,6 +228,16 @@ def needs_data_file(model: onnx.ModelProto) -> bool:
     return has_external_refs(model) or needs_external_data(model)
 
 
+def session_source(model: onnx.ModelProto, folder: str) -> str | bytes:
+    """What an onnxruntime InferenceSession should load for ``model``: its bytes, or, when it
+    cannot be one self-contained proto, a copy saved with a data file into ``folder``."""
+    if not needs_data_file(model):
+        return model.SerializeToString()
+    path = os.path.join(folder, "model.onnx")
+    _save(model, path)
+    return path
+
+
 def _save(model: onnx.ModelProto, path: str) -> str | None:
     """Save, with external data when needed; returns the data file's name, if any."""
     if not needs_data_file(model):
@@ -244,8 +254,3 @@ def _save(model: onnx.ModelProto, path: str) -> str | None:
     onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
     return data_name
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

@@ -9,17 +9,18 @@ bool outputs must match exactly.
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import tempfile
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
-from graphfold.errors import UsageError
+from graphfold.errors import UsageError, first_line
 from graphfold.inputs import make_inputs, real_inputs, ShapeMap
-from graphfold.io import _save, needs_data_file
+from graphfold.io import session_source
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +82,14 @@ class Runner:
         # Fatal only: a failing run raises, and the error becomes one line of ours; onnxruntime's
         # own log would add more lines on stderr.
         options.log_severity_level = 4
-        self._tmp = None
+        # The folder lives as long as the session, which may read external data from it.
+        folder = tempfile.mkdtemp(prefix="graphfold-validate-")
+        weakref.finalize(self, shutil.rmtree, folder, True)
         try:
-            if needs_data_file(model):
-                self._tmp = tempfile.TemporaryDirectory()
-                path = os.path.join(self._tmp.name, "model.onnx")
-                _save(model, path)
-                source = path
-            else:
-                source = model.SerializeToString()
+            source = session_source(model, folder)
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise UsageError(f"onnxruntime cannot run the {what} model: {_first_line(exc)}") from None
+            raise UsageError(f"onnxruntime cannot run the {what} model: {first_line(exc)}") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, object]:
@@ -187,12 +184,12 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
             # The original failing is the input's fault (or the given shapes'), not graphfold's.
             shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in used[-1].items())
             raise UsageError(f"onnxruntime cannot run the original model on inputs {shapes} "
-                             f"(choose them with --input-shape): {_first_line(exc)}") from None
+                             f"(choose them with --input-shape): {first_line(exc)}") from None
         try:
             cand_out = cand_runner.run(batch)
         except Exception as exc:
             return ValidationResult(False, [OutputError("*", float("inf"), float("inf"), 0.0, False,
-                                                        f"optimized model failed to run: {_first_line(exc)}")],
+                                                        f"optimized model failed to run: {first_line(exc)}")],
                                     used, rtol, atol, source)
         for name in ref_runner.output_names:
             err = compare_outputs(name, ref_out[name], cand_out[name], rtol, atol)
@@ -211,8 +208,3 @@ def _random_feeds(model: onnx.ModelProto, input_shapes: ShapeMap | None, seeds: 
     for i, seed in enumerate(seeds):
         batch = 2 if symbolic_batch and i == len(seeds) - 1 else None
         yield make_inputs(model, input_shapes, seed=seed, batch=batch)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

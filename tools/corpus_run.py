@@ -43,7 +43,7 @@ import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import graphfold  # noqa: E402
-from graphfold.errors import GraphfoldError, UsageError  # noqa: E402
+from graphfold.errors import GraphfoldError, UsageError, first_line  # noqa: E402
 from graphfold.io import load_model  # noqa: E402
 from graphfold.validate import Runner, compare_outputs  # noqa: E402
 
@@ -264,7 +264,7 @@ def run_case(case: Case) -> Row:
         _run_case(case, row)
     except Exception as exc:  # a crash of graphfold (or of this script): the row says which
         row.status = FAIL
-        row.note = f"crash: {type(exc).__name__}: {_first_line(exc)} [{_where(exc)}]"
+        row.note = f"crash: {type(exc).__name__}: {first_line(exc)[:200]} [{_where(exc)}]"
     row.seconds = time.monotonic() - start
     return row
 
@@ -301,24 +301,24 @@ def _run_case(case: Case, row: Row) -> None:
     try:
         onnx.checker.check_model(folded)
     except Exception as exc:
-        problems.append(f"folded model fails onnx.checker: {_first_line(exc)}")
+        problems.append(f"folded model fails onnx.checker: {first_line(exc)[:200]}")
 
     runner_type, ok = Runner, OK
     try:
         original_out = _outputs(Runner, original, case.datasets)
     except Exception as exc:
-        default_note = "; ".join(n for n in (default_note, f"onnxruntime: {_first_line(exc)}") if n)
+        default_note = "; ".join(n for n in (default_note, f"onnxruntime: {first_line(exc)[:200]}") if n)
         try:
             runner_type, ok = ReferenceRunner, OK_REFERENCE
             original_out = _outputs(ReferenceRunner, original, case.datasets)
         except Exception as ref_exc:
             row.status = FAIL if problems else NOT_RUNNABLE
-            row.note = "; ".join(problems + [default_note, f"reference evaluator: {_first_line(ref_exc)}"])
+            row.note = "; ".join(problems + [default_note, f"reference evaluator: {first_line(ref_exc)[:200]}"])
             return
     try:
         folded_out = _outputs(runner_type, folded, case.datasets)
     except Exception as exc:
-        row.status, row.note = FAIL, "; ".join(problems + [f"folded model does not run: {_first_line(exc)}"])
+        row.status, row.note = FAIL, "; ".join(problems + [f"folded model does not run: {first_line(exc)[:200]}"])
         return
     errors = [output_error(r, o) for rs, os_ in zip(original_out, folded_out) for r, o in zip(rs, os_)]
     row.err_original = max((e[0] for e in errors), default=0.0)
@@ -333,11 +333,6 @@ def _run_case(case: Case, row: Row) -> None:
         problems.append(f"outputs changed: max rel {row.err_original:.3g} vs the original")
     row.status = FAIL if problems else ok
     row.note = "; ".join(problems + ([default_note] if default_note else []))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 def _where(exc: BaseException) -> str:

@@ -38,7 +38,7 @@ from speed_benchmark import REPO, NetBuilder, RunRecord, WeightSink  # noqa: E40
 
 import graphfold  # noqa: E402
 from graphfold.bench import bench  # noqa: E402
-from graphfold.errors import GraphfoldError  # noqa: E402
+from graphfold.errors import GraphfoldError, first_line  # noqa: E402
 from graphfold.inputs import real_inputs  # noqa: E402
 from graphfold.shapes import infer_concrete  # noqa: E402
 from graphfold.stats import model_stats  # noqa: E402
@@ -195,7 +195,7 @@ def measure_model(src: str, folder: str, tools: list[str], args: argparse.Namesp
             row.stats = measure_stats(optimized, shapes)
             row.max_abs = graphfold.check(original, optimized, input_shapes=shapes).max_abs
         except Exception as exc:  # a peer's output that will not load, count or run is a result too
-            row.failure = f"output unusable: {_first_line(exc)}"
+            row.failure = f"output unusable: {first_line(exc)[:160]}"
     _measure_latency(first, [r for r in rows if r.failure is None], shapes, args)
     return ModelResult(name, shapes, first, rows)
 
@@ -211,17 +211,12 @@ def _measure_latency(first: Row, rows: list[Row], shapes: dict[str, list[int]],
                        opt_level="all", rounds=args.rounds, warmup=args.warmup, repeat=repeat)
     except GraphfoldError as exc:
         for row in [first] + rows:
-            row.failure = row.failure or f"latency not measured: {_first_line(exc)}"
+            row.failure = row.failure or f"latency not measured: {first_line(exc)[:160]}"
         return
     original, rerun, *others = result.timings
     first.rerun_ratio = rerun.ratio
     for row, timing in zip([first] + rows, [original] + others):
         row.latency_ratio, row.latency_ms = timing.ratio, timing.median_ms
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
 
 
 # ---------------------------------------------------------------- report
@@ -440,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results.append(measure_model(src, folder, args.tools, args))
             except Exception as exc:  # the original itself cannot be read or counted
-                skipped.append(f"{os.path.basename(src)}: {_first_line(exc)}")
+                skipped.append(f"{os.path.basename(src)}: {first_line(exc)[:160]}")
         cases = [] if args.no_speed else ["resnet-100MB"] + (["resnet-2GB"] if args.big else [])
         speed_results = []
         for case in cases:
