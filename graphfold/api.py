@@ -27,7 +27,6 @@ from graphfold.validate import DEFAULT_RTOL, DEFAULT_SEEDS, ValidationResult, co
 
 log = logging.getLogger(__name__)
 
-ModelLike = "onnx.ModelProto | str"
 
 
 def as_model(model: onnx.ModelProto | str) -> onnx.ModelProto:
