@@ -28,7 +28,6 @@ from graphfold.validate import DEFAULT_RTOL, DEFAULT_SEEDS, ValidationResult, co
 log = logging.getLogger(__name__)
 
 
-
 def as_model(model: onnx.ModelProto | str) -> onnx.ModelProto:
     """A loaded, checked model from a ModelProto or a path."""
     if isinstance(model, onnx.ModelProto):
