@@ -14,7 +14,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from graphfold.approx import ApproximateStage, ApproxOptions
 from graphfold.calibration import CalibrationSource, load_calibration
 from graphfold.engine import FoldContext, FoldOptions, run_pipeline
-from graphfold.errors import ValidationError
+from graphfold.errors import UsageError, ValidationError
 from graphfold.external import Spill, has_external_refs
 from graphfold.inputs import ShapeMap, check_input_shapes, resolve_shapes
 from graphfold.io import load_model
@@ -35,6 +35,7 @@ def as_model(model: onnx.ModelProto | str) -> onnx.ModelProto:
     return load_model(str(model))
 
 
+@quiet_graphsurgeon()  # graphsurgeon prints warnings (bfloat16 weights...) to stdout while importing
 def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, skip_passes: Sequence[str] = (),
          fold_all: bool = False, input_shapes: ShapeMap | None = None, check: bool = True,
          rtol: float = DEFAULT_RTOL, seeds: Sequence[int] = DEFAULT_SEEDS,
@@ -61,8 +62,6 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     drops them from the inputs (validation still runs the original with their defaults).
     """
     original = as_model(model)
-    # graphsurgeon prints warnings (bfloat16 weights...) to stdout while importing the model.
-    quiet_graphsurgeon()
     check_input_shapes(original, input_shapes)
     source = frozen_initializer_inputs(original) if freeze_initializer_inputs else original
     pipeline = build_pipeline(passes, skip_passes)
@@ -85,8 +84,11 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
                             f"at run time ({', '.join(overridable[:3])}{', ...' if len(overridable) > 3 else ''}): "
                             "they were kept as inputs and not folded; --freeze-initializer-inputs folds them")
     if check and report.validation is None:
-        report.validation = compare_models(original, folded, input_shapes=input_shapes, seeds=seeds,
-                                           rtol=rtol, progress=progress)
+        try:
+            report.validation = compare_models(original, folded, input_shapes=input_shapes, seeds=seeds,
+                                               rtol=rtol, progress=progress)
+        except UsageError as exc:
+            raise UsageError(f"{exc}; --no-check (check=False) folds without validating") from None
         if not report.validation.passed:
             error = ValidationError(report.validation.summary())
             error.report = report

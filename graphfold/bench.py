@@ -217,12 +217,18 @@ def _check_same_inputs(labels: list[str], graphs: list[onnx.ModelProto]) -> None
                              "bench compares models with the same input names")
 
 
-def plot(result: BenchResult, path: str) -> None:
-    """Bar chart of median latency per model (p10-p90 whiskers, ratio on each bar) as a PNG."""
+def plot_backend():
+    """matplotlib's Figure, or a ``UsageError`` saying how to install it."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-    except ImportError as exc:
-        raise UsageError("plotting needs matplotlib: pip install 'graphfold[plot]'") from exc
+    except ImportError:
+        raise UsageError("plotting needs matplotlib: pip install 'graphfold[plot]'") from None
+    return Figure
+
+
+def plot(result: BenchResult, path: str) -> None:
+    """Bar chart of median latency per model (p10-p90 whiskers, ratio on each bar) as a PNG."""
+    Figure = plot_backend()
     names = [os.path.basename(t.path) or t.path for t in result.timings]
     medians = [t.median_ms for t in result.timings]
     errors = [[t.median_ms - t.p10_ms for t in result.timings],

@@ -167,6 +167,7 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
         ensure_writable(args.report, args.input)
         if os.path.abspath(args.report) == os.path.abspath(args.output):
             raise UsageError(f"{args.report}: --report and -o name the same file")
+    _quiet_onnxruntime()
     try:
         model, report = api.fold(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
                                  fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
@@ -242,6 +243,7 @@ def run_inspect(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     console = Console(args.quiet)
     _logging(args.verbose)
+    _quiet_onnxruntime()
     report = api.inspect(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
                          fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
                          freeze_initializer_inputs=args.freeze_initializer_inputs,
@@ -279,6 +281,8 @@ def run_bench(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     console = Console(args.quiet)
     _logging(args.verbose)
+    if args.plot:
+        bench.plot_backend()  # refuse before the benchmark, not after it
     result = bench.bench(args.models, threads=args.threads, batch=args.batch,
                          input_shapes=_shapes(args.input_shape), provider=args.provider, rounds=args.rounds,
                          progress=lambda done, total: console.progress(f"round {done}/{total}"))
@@ -299,7 +303,37 @@ def _logging(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def _reader_gone() -> int:
+    """stdout's reader left (``graphfold bench --json | head``): stop quietly, as a program killed
+    by SIGPIPE would, and keep Python's exit-time flush of stdout from raising again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured in a test)
+        pass
+    return 128 + 13  # SIGPIPE
+
+
+def _quiet_onnxruntime() -> None:
+    # The process is the CLI's: onnxruntime's global log (which the library leaves alone) would
+    # add its own lines when graphsurgeon's constant-folding sessions meet a node they cannot run.
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(4)
+
+
 SUBCOMMANDS = {"check": run_check, "inspect": run_inspect, "bench": run_bench}
+GLOBAL_OPTIONS = ("-q", "--quiet", "-v", "--verbose")
+
+
+def _subcommand(argv: list[str]):
+    """The subcommand ``argv`` names, after any global options, and its arguments (the global
+    options moved to them): ``graphfold -q check A B`` is ``graphfold check A B -q``."""
+    leading = 0
+    while leading < len(argv) and argv[leading] in GLOBAL_OPTIONS:
+        leading += 1
+    # A model file named like a subcommand is still reachable as ./check.
+    subcommand = SUBCOMMANDS.get(argv[leading]) if leading < len(argv) else None
+    return subcommand, argv[leading + 1:] + argv[:leading]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,13 +341,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = "-q" in argv or "--quiet" in argv
     console = Console(quiet)
     try:
-        # A model file named like a subcommand is still reachable as ./check.
-        subcommand = SUBCOMMANDS.get(argv[0]) if argv else None
+        subcommand, sub_argv = _subcommand(argv)
         if subcommand is not None:
-            return subcommand(argv[1:])
-        args = main_parser().parse_args(argv)
-        _logging(args.verbose)
-        return run_fold(args, console)
+            code = subcommand(sub_argv)
+        else:
+            args = main_parser().parse_args(argv)
+            _logging(args.verbose)
+            code = run_fold(args, console)
+        sys.stdout.flush()  # a reader that left (| head) shows here, not in Python's exit-time flush
+        return code
     except GraphfoldError as exc:
         console.clear()
         print(f"graphfold: error: {exc}", file=sys.stderr)
@@ -326,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.clear()
         print("graphfold: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except MemoryError:
         console.clear()
         print("graphfold: error: out of memory", file=sys.stderr)

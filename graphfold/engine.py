@@ -14,7 +14,7 @@ from typing import Callable, ClassVar, Iterable, Mapping, Sequence, Union
 
 import onnx_graphsurgeon as gs
 
-from graphfold.graph import NameScope
+from graphfold.graph import NameScope, node_label
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,8 @@ def run_pass(ctx: FoldContext, fold_pass: Pass) -> list[Rewrite]:
             log.debug("%s: check failed", fold_pass.name, exc_info=True)
             decision = Reject(f"could not analyse ({type(exc).__name__}: {exc})")
         if isinstance(decision, Reject):
-            ctx.declines.append(Decline(fold_pass.name, [n.name for n in match.nodes], decision.reason))
+            ctx.declines.append(Decline(fold_pass.name, [node_label(ctx.graph, n) for n in match.nodes],
+                                       decision.reason))
             continue
         change = fold_pass.rewrite(ctx, match, decision)
         if not change.removed and not change.added:

@@ -20,8 +20,13 @@ class ValidationError(GraphfoldError):
 
 def first_line(exc: BaseException, fallback: str | None = None) -> str:
     """The first line of an exception's message (at most 300 characters), for one-line errors;
-    ``fallback`` (the exception's type name by default) when the message is empty."""
+    ``fallback`` (the exception's type name by default) when the message is empty. A first line
+    ending in ':' is a sentence that goes on (onnx's checker: "... input 'a' of node:\nname: ..."),
+    so the lines are joined."""
     text = str(exc).strip()
     if not text:
         return type(exc).__name__ if fallback is None else fallback
-    return text.splitlines()[0][:300]
+    lines = text.splitlines()
+    if lines[0].rstrip().endswith(":"):
+        return " ".join(" ".join(lines).split())[:300]
+    return lines[0][:300]

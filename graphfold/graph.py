@@ -84,6 +84,14 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 
 
+def node_label(graph: gs.Graph, node: gs.Node) -> str:
+    """The node's name, or for an unnamed one its op and position in the graph ("Relu#3")."""
+    if node.name:
+        return node.name
+    index = next((i for i, n in enumerate(graph.nodes) if n is node), None)
+    return f"{node.op}#{'?' if index is None else index}"
+
+
 def sole_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
     """The only node reading ``tensor``, if it has exactly one and is not a graph output."""
     if tensor.name in graph_outputs or len(tensor.outputs) != 1:

@@ -184,7 +184,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
             # The original failing is the input's fault (or the given shapes'), not graphfold's.
             shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in used[-1].items())
             raise UsageError(f"onnxruntime cannot run the original model on inputs {shapes} "
-                             f"(choose them with --input-shape): {first_line(exc)}") from None
+                             f"(choose them with --input-shape, or give values with --input-value NAME:VALUE): "
+                             f"{first_line(exc)}") from None
         try:
             cand_out = cand_runner.run(batch)
         except Exception as exc:

@@ -169,3 +169,30 @@ def test_check(sample, folded_sample, monkeypatch):
     assert not graphfold.check(sample, wrong).passed
     feeds = [{"input": np.zeros((1, 3, 32, 32), np.float32)}]
     assert graphfold.check(SAMPLE, folded_sample[0], feeds=feeds).source == "calibration"
+
+
+# --- the process's logging (issue 10) ---------------------------------------------------------
+
+def test_fold_leaves_graphsurgeon_log_level_alone(sample):
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    before = G_LOGGER.severity
+    try:
+        G_LOGGER.severity = G_LOGGER.VERBOSE
+        graphfold.fold(sample, check=False)
+        assert G_LOGGER.severity == G_LOGGER.VERBOSE
+    finally:
+        G_LOGGER.severity = before
+
+
+def test_fold_leaves_onnxruntime_log_level_alone():
+    # onnxruntime has no getter for its global level: a child sets it to INFO, folds, then opens a
+    # session, whose INFO lines must still appear.
+    import subprocess
+    import sys
+
+    code = ("import onnxruntime as ort, graphfold, sys; ort.set_default_logger_severity(1); "
+            "graphfold.fold(sys.argv[1]); ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])")
+    result = subprocess.run([sys.executable, "-c", code, SAMPLE], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "[I:onnxruntime" in result.stderr.splitlines()[-1]

@@ -366,3 +366,75 @@ def test_bench_flag_prints_a_latency_comparison(work, capsys):
     rows = [line for line in table.splitlines()[1:] if line.strip()]
     assert [row.split()[0] for row in rows] == [str(work / "in.onnx"), str(work / "out.onnx")]
     assert rows[0].split()[-1] == "1.000"  # the input is the baseline
+
+
+# --- command-line nits (issue 10) -------------------------------------------------------------
+
+def test_global_options_work_before_a_subcommand(work, capsys):
+    code, out, err = run(capsys, "-q", "check", work / "in.onnx", work / "in.onnx")
+    assert (code, out, err) == (0, "", "")
+    code, out, _ = run(capsys, "-v", "check", work / "in.onnx", work / "in.onnx", "--seeds", "1")
+    assert code == 0 and "validation passed" in out
+
+
+def test_inspect_names_unnamed_nodes_by_op_and_index(work, capsys):
+    model = onnx.load(SAMPLE)
+    mean = next(n for n in model.graph.node if n.op_type == "BatchNormalization").input[3]
+    init = next(i for i in model.graph.initializer if i.name == mean)
+    model.graph.input.append(onnx.helper.make_tensor_value_info(mean, init.data_type, list(init.dims)))
+    model.graph.initializer.remove(init)
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save(model, str(work / "unnamed.onnx"))
+    code, out, _ = run(capsys, "inspect", work / "unnamed.onnx", "--passes", "fold-batchnorm")
+    assert code == 0
+    declined = out[out.index("left alone ("):].splitlines()[1:]
+    assert declined and ", :" not in out
+    assert all("BatchNormalization#" in line for line in declined), declined
+
+
+def test_bench_json_into_a_closed_pipe_ends_quietly(work):
+    assert SCRIPT, "the graphfold console script is not installed next to this python"
+    child = subprocess.Popen([SCRIPT, "bench", str(work / "in.onnx"), "--json", "--rounds", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before anything is written, as `| head -0` would be
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) in (0, 141), err
+    assert err == ""
+
+
+def test_bench_plot_without_matplotlib_refuses_before_timing(work, capsys, monkeypatch):
+    from graphfold import bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: pytest.fail("benchmarked before refusing"))
+    code, _, err = run(capsys, "bench", work / "in.onnx", "--plot", work / "b.png")
+    assert code == 2
+    assert_one_error_line(err, "matplotlib")
+    assert not (work / "b.png").exists()
+
+
+def test_unsorted_graph_message_is_not_cut_off(work, capsys):
+    nodes = [onnx.helper.make_node("Relu", ["a"], ["b"]), onnx.helper.make_node("Relu", ["x"], ["a"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [1, 2])],
+                                   [onnx.helper.make_tensor_value_info("b", 1, [1, 2])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+              str(work / "unsorted.onnx"))
+    code, _, err = run(capsys, work / "unsorted.onnx", "-o", work / "out.onnx")
+    assert code == 2
+    assert_one_error_line(err, "topologically sorted", "is not output of any previous nodes")
+    assert not (work / "out.onnx").exists()
+
+
+def test_original_onnxruntime_cannot_run_points_at_no_check(work, capsys):
+    # Reshape to a run-time shape input: onnxruntime fails on random shape values.
+    nodes = [onnx.helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [2, 3]),
+                                                onnx.helper.make_tensor_value_info("shape", 7, [2])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, ["a", "b"])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+              str(work / "reshape.onnx"))
+    code, _, err = run(capsys, work / "reshape.onnx", "-o", work / "out.onnx")
+    assert code == 2
+    assert_one_error_line(err, "onnxruntime cannot run the original", "--no-check", "--input-value")
+    assert not (work / "out.onnx").exists()

@@ -6,7 +6,9 @@ none of whose outputs is read contributes nothing; ``Identity(x) = x`` and, at i
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -56,7 +58,6 @@ class FoldConstants(Pass):
         return Exact()
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
-        quiet_graphsurgeon()
         _float32_constants(ctx.graph)
         ctx.graph.toposort()
         # One onnxruntime session for all constants first; only if that fails, one per output
@@ -76,8 +77,9 @@ class FoldConstants(Pass):
 def _fold_with_graphsurgeon(graph: gs.Graph, partitioning: str | None) -> None:
     # graphsurgeon folds a copy of the graph, so it is told which nodes by kind, not identity.
     try:
-        graph.fold_constants(fold_shapes=False, partitioning=partitioning, size_threshold=FOLD_SIZE_LIMIT,
-                             should_exclude_node=lambda n: not _may_fold(n), flatten_subgraphs=False)
+        with quiet_graphsurgeon():
+            graph.fold_constants(fold_shapes=False, partitioning=partitioning, size_threshold=FOLD_SIZE_LIMIT,
+                                 should_exclude_node=lambda n: not _may_fold(n), flatten_subgraphs=False)
     except Exception:
         # It evaluates everything before replacing tensors one by one, so what it replaced before
         # failing is correct; the caller counts what was folded.
@@ -117,14 +119,22 @@ def _result_bytes(ctx: FoldContext, node: gs.Node) -> int | None:
     return total
 
 
-def quiet_graphsurgeon() -> None:
-    # onnx-graphsurgeon's logger writes warnings to stdout, and the onnxruntime sessions it opens
-    # log warnings (old opsets...) to stderr; only the CLI may print.
-    import onnxruntime
+@contextlib.contextmanager
+def quiet_graphsurgeon() -> Iterator[None]:
+    """Silence onnx-graphsurgeon's logger (it writes warnings to stdout, and only the CLI may print)
+    for the duration, then give it back its level: a program importing graphfold keeps its logging.
+
+    onnxruntime's global log level, which the sessions graphsurgeon opens to fold constants use,
+    has no getter and so cannot be restored: the library leaves it alone, the CLI sets it.
+    """
     from onnx_graphsurgeon.logger import G_LOGGER
 
+    previous = G_LOGGER.severity
     G_LOGGER.severity = G_LOGGER.CRITICAL
-    onnxruntime.set_default_logger_severity(4)  # constants that fail to evaluate log errors
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = previous
 
 
 class RemoveDeadNodes(Pass):
