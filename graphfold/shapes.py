@@ -16,6 +16,7 @@ import onnx
 
 from graphfold.inputs import real_inputs, resolve_shape
 from graphfold.io import without_initializers
+from graphfold.stats import iter_graphs
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,16 @@ def _infer(model: onnx.ModelProto) -> dict[str, Shape]:
         log.info("shape inference failed: %s", exc)
         inferred = model
     shapes: dict[str, Shape] = {}
-    graph = inferred.graph
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        tensor_type = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
-            continue
-        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-    for init in graph.initializer:
-        shapes[init.name] = tuple(init.dims)
+    # If/Loop/Scan bodies too (statistics count their layers); the main graph's entries come last
+    # and win should a body reuse a name.
+    for graph in reversed(list(iter_graphs(inferred.graph))):
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            tensor_type = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
+                continue
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        for init in graph.initializer:
+            shapes[init.name] = tuple(init.dims)
     return shapes
 
 
@@ -76,8 +79,9 @@ def infer_concrete(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[i
         shape.ClearField("dim")
         for d in dims:
             shape.dim.add(dim_value=int(d))
-    # Stale value_info from exporters would fight the new input dims.
-    del skel.graph.value_info[:]
+    # Stale value_info from exporters (in If/Loop bodies too) would fight the new input dims.
+    for graph in iter_graphs(skel.graph):
+        del graph.value_info[:]
     for out in skel.graph.output:
         out.type.tensor_type.ClearField("shape")
     return _infer(skel)
