@@ -63,6 +63,7 @@ class Change:
     removed: Sequence[gs.Node]
     added: Sequence[gs.Node]
     detail: str = ""
+    count: int = 1  # rewrites it stands for: constant folding folds many nodes in one graphsurgeon call
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Rewrite:
     exact: bool
     error_bound: float | None = None
     detail: str = ""
+    count: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,6 +219,7 @@ def run_pass(ctx: FoldContext, fold_pass: Pass) -> list[Rewrite]:
             exact=isinstance(decision, Exact),
             error_bound=decision.bound if isinstance(decision, Approx) else None,
             detail=change.detail,
+            count=change.count,
         ))
         log.debug("%s: %s", fold_pass.name, change.detail)
     if rewrites:

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graphfold import shapes
 from graphfold.shapes import infer_concrete, infer_static
 from graphfold.stats import depth, model_stats, node_macs, parameter_count
 from tests.util import make_model
@@ -185,3 +186,41 @@ def test_statistics_of_a_model_wrapped_in_an_if():
         assert counted["depth"] == sample["depth"] and counted["macs"] == sample["macs"]
         assert counted["convs"] == sample["convs"]
         assert sample["params"] <= counted["params"] <= sample["params"] + 10
+
+
+def shape_arithmetic_model() -> onnx.ModelProto:
+    """conv -> reshape to [N, 8, H, W / 2, 2] computed from Shape -> Div -> MatMul: ONNX's own
+    inference cannot divide a dim, so the MatMul's shape needs symbolic inference."""
+    model = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,H,W] x) => (float[N,8,H,?,5] y) {
+        c = Conv<pads = [1, 1, 1, 1]>(x, w)
+        s = Shape(c)
+        three = Constant<value = int64[1] {3}>()
+        width = Gather<axis = 0>(s, three)
+        two = Constant<value = int64[1] {2}>()
+        half = Div(width, two)
+        start = Constant<value = int64[1] {0}>()
+        stop = Constant<value = int64[1] {3}>()
+        head = Slice(s, start, stop)
+        target = Concat<axis = 0>(head, half, two)
+        r = Reshape(c, target)
+        y = MatMul(r, m)
+    }''')
+    model.graph.initializer.extend([weight("w", [8, 3, 3, 3]), weight("m", [2, 5])])
+    return model
+
+
+def test_macs_through_shape_arithmetic(monkeypatch):
+    model = shape_arithmetic_model()
+    per_pixel = 8 * 3 * 9 + 8 * 5  # the conv, then the MatMul's 5 outputs per pair of pixels x 2
+    assert stats(model, {"x": [2, 3, 6, 10]})["macs"] == 2 * 6 * 10 * per_pixel
+    assert stats(model)["macs"] == 1 * 32 * 32 * per_pixel  # default dims for a symbolic H, W
+    # ONNX's inference alone leaves the MatMul unknown (the case the symbolic inference covers).
+    monkeypatch.setattr(shapes, "_symbolic_inference", lambda model: {})
+    assert stats(model, {"x": [2, 3, 6, 10]})["macs"] is None
+
+
+def test_static_shapes_keep_symbolic_dims_unknown():
+    static = infer_static(shape_arithmetic_model())
+    assert static["c"] == (None, 8, None, None)
+    assert static["y"][-1] == 5 and static["y"][0] is None

@@ -1,8 +1,11 @@
 """Exact clean-up passes: constant folding, dead-node elimination, Identity/Dropout removal.
 
-Identities: a node whose inputs are all constants equals the constant it computes; a node
-none of whose outputs is read contributes nothing; ``Identity(x) = x`` and, at inference,
-``Dropout(x) = x``.
+Identities: a node whose inputs are all constants equals the constant it computes; so does
+``Shape(x)``, or a ``Gather``/``Slice`` of it, when the dims it reads are fixed by the model
+(onnx-graphsurgeon's ``fold_shapes``), and the shape arithmetic after it. A dim the model
+leaves symbolic (a dynamic batch) stays computed at run time: the folded model accepts every
+input the original did, and ``--input-shape`` never specializes it. A node none of whose
+outputs is read contributes nothing; ``Identity(x) = x`` and, at inference, ``Dropout(x) = x``.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import logging
 from typing import Iterator
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
@@ -31,13 +35,17 @@ QUANTIZATION_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear
 
 class FoldConstants(Pass):
     name = "fold-constants"
-    summary = "evaluate nodes whose inputs are all constants (Constant, ConstantOfShape, Identity chains...)"
+    summary = ("evaluate nodes whose inputs are all constants (Constant, ConstantOfShape, Identity chains...) "
+               "and shape arithmetic on dims the model fixes")
 
     def match(self, ctx: FoldContext):
         foldable = []
         constant: set[str] = set()
         for node in ctx.graph.nodes:
             if not _may_fold(node):
+                continue
+            if node.op == "Shape" and any(isinstance(d, int) for d in ctx.static_shape(node.inputs[0]) or ()):
+                foldable.append(node)  # graphsurgeon decides which of its dims can be read off
                 continue
             inputs = [t for t in node.inputs if t.name]
             if not all(const_value(t) is not None or t.name in constant for t in inputs):
@@ -60,30 +68,119 @@ class FoldConstants(Pass):
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         _float32_constants(ctx.graph)
         ctx.graph.toposort()
+        nodes = [n for n in ctx.graph.nodes if n.outputs]
         # One onnxruntime session for all constants first; only if that fails, one per output
         # ("basic" partitioning copies the graph for each, quadratic on a large model).
         for partitioning in (None, "basic"):
-            _fold_with_graphsurgeon(ctx.graph, partitioning)
+            with _static_shapes(ctx), _no_inexact_cast_elision(ctx.graph):
+                _fold_with_graphsurgeon(ctx.graph, partitioning)
             # graphsurgeon turns a folded node's outputs into Constants and disconnects them from it;
             # what it leaves (over the limit, or not evaluable) is no change and the engine skips it.
-            folded = [n for n in match.nodes if all(isinstance(t, gs.Constant) for t in n.outputs)]
+            # Shape folding reaches past the matched nodes (a Gather of a Shape, the Concat after it).
+            folded = [n for n in nodes if all(isinstance(t, gs.Constant) for t in n.outputs)]
             if folded:
                 break
         for node in folded:
             node.outputs.clear()
-        return Change(folded, [], f"folded {len(folded)} constant node(s)")
+        return Change(folded, [], f"folded {len(folded)} constant node(s)", count=len(folded))
 
 
 def _fold_with_graphsurgeon(graph: gs.Graph, partitioning: str | None) -> None:
     # graphsurgeon folds a copy of the graph, so it is told which nodes by kind, not identity.
     try:
         with quiet_graphsurgeon():
-            graph.fold_constants(fold_shapes=False, partitioning=partitioning, size_threshold=FOLD_SIZE_LIMIT,
+            graph.fold_constants(fold_shapes=True, partitioning=partitioning, size_threshold=FOLD_SIZE_LIMIT,
                                  should_exclude_node=lambda n: not _may_fold(n), flatten_subgraphs=False)
     except Exception:
         # It evaluates everything before replacing tensors one by one, so what it replaced before
         # failing is correct; the caller counts what was folded.
         log.debug("graphsurgeon constant folding failed", exc_info=True)
+
+
+class _static_shapes:
+    """Give graphsurgeon's tensors the model's static shapes (symbolic dims None, which it treats as
+    dynamic) for the length of a fold: it reads ``Shape`` results off them. Restored afterwards, so
+    the exported model's value_info is what it was. It ignores ``Shape``'s start/end attributes
+    (opset 15), so the tensors such a Shape reads show it no shape at all."""
+
+    def __init__(self, ctx: FoldContext) -> None:
+        self.ctx = ctx
+        self.saved: list[tuple[gs.Variable, object]] = []
+
+    def __enter__(self) -> None:
+        for tensor in self.ctx.graph.tensors().values():
+            shape = self.ctx.static_shapes.get(tensor.name)
+            if isinstance(tensor, gs.Variable) and shape is not None:
+                self.saved.append((tensor, tensor.shape))
+                tensor.shape = list(shape)
+        for node in self.ctx.graph.nodes:
+            if node.op == "Shape" and ("start" in node.attrs or "end" in node.attrs):
+                tensor = node.inputs[0]
+                if isinstance(tensor, gs.Variable):
+                    self.saved.append((tensor, tensor.shape))
+                    tensor.shape = None
+
+    def __exit__(self, *exc) -> None:
+        for tensor, shape in reversed(self.saved):
+            if isinstance(tensor, gs.Variable):
+                tensor.shape = shape
+
+
+# graphsurgeon's shape folding first "elides" int -> float -> op -> int cast pairs around these ops,
+# computing the op in integers. That is exact only if every other input is an integral constant:
+# a float tensor would be fed to an integer op, and a constant 0.5 would become 0.
+_CAST_ELISION_OPS = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Greater", "Less", "Concat"}
+
+
+class _no_inexact_cast_elision:
+    """For the length of a fold, give every node whose cast elision would not be exact one more
+    reader (an Identity) of its outputs: graphsurgeon elides only where Casts alone read them."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.pins: list[tuple[gs.Graph, gs.Node]] = []
+
+    def __enter__(self) -> None:
+        self._pin(self.graph)
+
+    def _pin(self, graph: gs.Graph) -> None:
+        for node in list(graph.nodes):
+            for attr in node.attrs.values():
+                if isinstance(attr, gs.Graph):  # graphsurgeon folds If/Loop bodies too
+                    self._pin(attr)
+            if _elision_is_exact(node):
+                continue
+            for tensor in node.outputs:
+                pin = gs.Node("Identity", inputs=[tensor], outputs=[gs.Variable(f"{tensor.name}.pinned")])
+                graph.nodes.append(pin)
+                self.pins.append((graph, pin))
+
+    def __exit__(self, *exc) -> None:
+        for graph, pin in self.pins:
+            pin.inputs.clear()
+            pin.outputs.clear()
+            graph.nodes.remove(pin)
+
+
+def _elision_is_exact(node: gs.Node) -> bool:
+    if node.op not in _CAST_ELISION_OPS:
+        return True
+    casts = [t for t in node.inputs if _is_cast_to_float(t)]
+    if not casts:
+        return True
+    for tensor in node.inputs:
+        if any(tensor is cast for cast in casts):
+            continue
+        if not isinstance(tensor, gs.Constant):
+            return False
+        values = np.asarray(tensor.values)
+        if values.dtype.kind == "f" and not np.all(np.isfinite(values) & (values == np.round(values))):
+            return False
+    return True
+
+
+def _is_cast_to_float(tensor: gs.Tensor) -> bool:
+    return any(p.op == "Cast" and p.attrs.get("to") == onnx.TensorProto.FLOAT for p in tensor.inputs)
 
 
 def _may_fold(node: gs.Node) -> bool:

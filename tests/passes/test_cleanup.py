@@ -96,6 +96,89 @@ def test_fold_constants_declines_what_graphsurgeon_leaves_unfolded(monkeypatch):
     assert op_types(folded) == ["Constant", "Add"]
 
 
+# --- fold-constants: shape arithmetic ---------------------------------------------------------
+
+FLATTEN = '''g (float[{batch},4,3,2] x) => (float[{batch},24] y) {{
+        s = Shape(x)
+        i0 = Constant<value = int64 {{0}}>()
+        n = Gather<axis = 0>(s, i0)
+        i1 = Constant<value = int64 {{1}}>()
+        c = Gather<axis = 0>(s, i1)
+        i2 = Constant<value = int64 {{2}}>()
+        h = Gather<axis = 0>(s, i2)
+        i3 = Constant<value = int64 {{3}}>()
+        w = Gather<axis = 0>(s, i3)
+        ch = Mul(c, h)
+        chw = Mul(ch, w)
+        a0 = Constant<value = int64[1] {{0}}>()
+        n1 = Unsqueeze(n, a0)
+        chw1 = Unsqueeze(chw, a0)
+        target = Concat<axis = 0>(n1, chw1)
+        y = Reshape(x, target)
+    }}'''
+
+
+def test_fold_constants_folds_shape_arithmetic_on_static_dims():
+    model = text_model(FLATTEN.format(batch=2))
+    folded, report = fold_only(model, ["fold-constants"])
+    assert op_types(folded) == ["Reshape"]
+    [target] = [init for init in folded.graph.initializer if init.name == folded.graph.node[0].input[1]]
+    assert list(onnx.numpy_helper.to_array(target)) == [2, 24]
+    # Every node but the Reshape was folded, and the summary counts them all.
+    assert report.counts()["fold-constants"] == len(model.graph.node) - 1
+    assert_same_outputs(model, folded)
+    assert_idempotent(folded, ["fold-constants"])
+
+
+@pytest.mark.parametrize("shapes", [None, {"x": [3, 4, 3, 2]}])
+def test_fold_constants_keeps_a_symbolic_batch_dynamic(shapes):
+    # --input-shape resolves shapes for validation and statistics; it never specializes the model.
+    model = text_model(FLATTEN.format(batch="N"))
+    folded, _ = fold_only(model, ["fold-constants"], input_shapes=shapes)
+    ops = op_types(folded)
+    assert ops.count("Shape") == 1 and ops.count("Gather") == 1 and "Mul" not in ops
+    assert folded.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    for batch in (1, 3):
+        assert_same_outputs(model, folded, shapes={"x": [batch, 4, 3, 2]})
+
+
+def test_fold_constants_reads_no_dims_off_a_shape_with_start():
+    # graphsurgeon's shape folding ignores Shape's start/end (opset 15): such a Shape is left to
+    # ordinary folding, which cannot fold it on a non-constant input.
+    model = text_model('''g (float[2,4,3] x) => (float[2,12] y) {
+        s = Shape<start = 1>(x)
+        p = ReduceProd<keepdims = 1>(s)
+        b = Constant<value = int64[1] {2}>()
+        t = Concat<axis = 0>(b, p)
+        y = Reshape(x, t)
+    }''')
+    folded, _ = fold_only(model, ["fold-constants"])
+    assert "Shape" in op_types(folded)
+    assert_same_outputs(model, folded)
+
+
+def test_fold_constants_keeps_float_shape_arithmetic_exact():
+    # graphsurgeon would compute Cast(float) * 0.5 -> Cast(int64) in integers, with 0.5 cast to 0.
+    model = text_model('''g (float[N,4] x) => (float[N,2,2] y) <int64 c, float cf, float hf, int64 h> {
+        s = Shape(x)
+        i = Constant<value = int64 {1}>()
+        c = Gather<axis = 0>(s, i)
+        cf = Cast<to = 1>(c)
+        half = Constant<value = float {0.5}>()
+        hf = Mul(cf, half)
+        h = Cast<to = 7>(hf)
+        a0 = Constant<value = int64[1] {0}>()
+        h1 = Unsqueeze(h, a0)
+        m1 = Constant<value = int64[2] {-1, 2}>()
+        t = Concat<axis = 0>(m1, h1)
+        y = Reshape(x, t)
+    }''')
+    folded, _ = fold_only(model, ["fold-constants"])
+    assert "Shape" not in op_types(folded)
+    for batch in (1, 3):
+        assert_same_outputs(model, folded, shapes={"x": [batch, 4]})
+
+
 # --- remove-identity --------------------------------------------------------------------------
 
 def test_remove_identity_chain():
