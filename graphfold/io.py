@@ -7,6 +7,7 @@ the 2 GB protobuf limit are written with their weights in one external data file
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -17,7 +18,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graphfold.errors import UsageError, first_line
-from graphfold.external import absolutize, all_tensors, external_bytes, has_external_refs, load_all, save_streaming
+from graphfold.external import (absolutize, all_tensors, external_bytes, has_external_refs, is_external, load_all,
+                                save_streaming)
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,24 @@ def save_model(model: onnx.ModelProto, path: str) -> None:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def file_bytes(path: str) -> int | None:
+    """Bytes on disk of the model at ``path``: the .onnx file and the external data files it names
+    (None if it cannot be read)."""
+    try:
+        total = os.path.getsize(path)
+        # Without its weights the proto is small; with them inline, parsing costs about a copy.
+        model = onnx.load(path, load_external_data=False)
+    except (OSError, DecodeError, ValueError):
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    locations = {entry.value for tensor in all_tensors(model.graph) if is_external(tensor)
+                 for entry in tensor.external_data if entry.key == "location"}
+    for location in locations:
+        with contextlib.suppress(OSError):
+            total += os.path.getsize(os.path.join(folder, location))
+    return total
 
 
 def needs_data_file(model: onnx.ModelProto) -> bool:

@@ -9,6 +9,7 @@ from graphfold.engine import Decline, Rewrite
 from graphfold.validate import ValidationResult
 
 MAX_LISTED = 12
+NAMES_SHOWN = 3  # node names a grouped decline line shows before "..."
 STAT_ROWS = (("nodes", "nodes"), ("convs", "convs"), ("depth", "depth"), ("params", "params"), ("macs", "MACs"))
 
 
@@ -26,8 +27,11 @@ class Report:
     accuracy: dict | None = None  # top-1 before/after on labelled calibration data
 
     def counts(self) -> Counter:
-        """Rewrites per pass name."""
-        return Counter(r.pass_name for r in self.rewrites)
+        """Rewrites per pass name (constant folding counts the nodes it folded)."""
+        counts: Counter = Counter()
+        for r in self.rewrites:
+            counts[r.pass_name] += r.count
+        return counts
 
     def to_dict(self) -> dict:
         validation = self.validation.to_dict() if self.validation else {"passed": None, "skipped": True}
@@ -48,12 +52,33 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, default=_jsonable)
 
     def table(self) -> str:
-        """Before/after table of the model statistics."""
+        """Before/after table of the model statistics, and file sizes where both files were written."""
         lines = [f"{'':8}{'before':>14}{'after':>14}{'change':>10}"]
         for key, label in STAT_ROWS:
             old, new = self.before.get(key), self.after.get(key)
             lines.append(f"{label:8}{_human(old):>14}{_human(new):>14}{_change(old, new):>10}")
+        old, new = self.before.get("file_bytes"), self.after.get("file_bytes")
+        if old is not None and new is not None:
+            lines.append(f"{'file':8}{_bytes(old):>14}{_bytes(new):>14}{_change(old, new):>10}")
         return "\n".join(lines)
+
+    def decline_groups(self, passes: set[str] | None = None) -> list[tuple[str, str, list[str]]]:
+        """Declines grouped by pass and reason, largest group first: (pass, reason, anchor node names)."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for d in self.declines:
+            if passes is None or d.pass_name in passes:
+                groups.setdefault((d.pass_name, d.reason), []).append(d.nodes[0] if d.nodes else "?")
+        ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
+        return [(name, reason, nodes) for (name, reason), nodes in ordered]
+
+    def decline_lines(self, passes: set[str] | None = None, limit: int | None = None) -> list[str]:
+        """One line per decline reason: pass, count, reason, the first few nodes it applies to."""
+        groups = self.decline_groups(passes)
+        lines = [f"  {name:28} {len(nodes):>4}  {reason}: {_names(nodes)}"
+                 for name, reason, nodes in groups[:limit]]
+        if limit is not None and len(groups) > limit:
+            lines.append(f"  ... {len(groups) - limit} more reasons; see graphfold inspect")
+        return lines
 
     def summary(self) -> str:
         """The CLI's readable summary: table, rewrites per pass, declines per reason, validation."""
@@ -65,13 +90,11 @@ class Report:
         else:
             lines.append("rewrites: none")
         approximate = set((self.approximate or {}).get("passes", ()))
-        reasons = Counter((d.pass_name, d.reason) for d in self.declines if d.pass_name not in approximate)
-        if reasons:
+        exact_passes = {d.pass_name for d in self.declines} - approximate
+        declined = self.decline_lines(exact_passes, limit=8)
+        if declined:
             lines.append("declined:")
-            for (name, reason), count in reasons.most_common(8):
-                lines.append(f"  {name:28} {count}  ({reason})")
-            if len(reasons) > 8:
-                lines.append(f"  ... {len(reasons) - 8} more reasons; see graphfold inspect")
+            lines.extend(declined)
         if self.approximate is not None and self.approximate.get("requested"):
             lines.extend(self._approximate_lines(approximate))
         if self.accuracy is not None and self.accuracy.get("before") is not None:
@@ -121,10 +144,25 @@ def _human(value) -> str:
     return str(value)
 
 
+def _bytes(value: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value} B"
+
+
 def _change(old, new) -> str:
     if not old or new is None or old == new:
         return ""
-    return f"{(new - old) / old * 100:+.1f}%"
+    ratio = new / old
+    # A percentage past +999% is unreadable and overflows the column: "x" and the factor instead.
+    return f"x{_human(round(ratio)) if ratio >= 100 else format(ratio, '.1f')}" if ratio >= 10 else \
+        f"{(ratio - 1) * 100:+.1f}%"
+
+
+def _names(nodes: list[str]) -> str:
+    shown = ", ".join(nodes[:NAMES_SHOWN])
+    return shown + (", ..." if len(nodes) > NAMES_SHOWN else "")
 
 
 def _jsonable(value):
