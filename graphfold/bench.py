@@ -7,6 +7,15 @@ round, so slow drift of the machine (clock boost, thermal throttling, other load
 all models instead of biasing whichever ran last. The median across rounds is the figure to
 compare; p10/p90 show the spread. ``ratio`` is each model's median over the first model's, so
 passing the original model first gives "optimized / original" directly.
+
+On a loaded machine wall-clock time also counts the time other processes held the core. So
+each sample also records the CPU time this process spent (``time.process_time``): with one
+intra-op thread onnxruntime computes on the calling thread, and that CPU time is the work
+itself, whatever else runs. ``cpu_ratio`` compares it like ``ratio`` (1-thread runs only;
+with more threads CPU time adds up over cores and is not latency). When a model's p90/p10
+spread exceeds ``SPREAD_LIMIT`` the result carries a warning: its medians are not to be trusted,
+and the minimum and the CPU-time ratio are the better guides. Ratios within ``TIE`` of 1 are
+ties: machine noise, not a difference.
 """
 from __future__ import annotations
 
@@ -38,6 +47,12 @@ OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 PROVIDERS = ("cpu", "cuda", "auto")
+SPREAD_LIMIT = 1.2  # p90 / p10 beyond this: the timings moved too much to trust the medians
+TIE = 0.05  # ratios within 5% of 1 are ties
+
+# The clocks, module attributes so tests can make a machine as noisy as they like.
+wall_clock = time.perf_counter
+cpu_clock = time.process_time
 
 
 @dataclass
@@ -46,10 +61,15 @@ class ModelTiming:
 
     path: str
     median_ms: float
+    min_ms: float
     p10_ms: float
     p90_ms: float
+    spread: float  # p90 / p10
     samples_ms: list[float]
     ratio: float  # median / the first model's median
+    cpu_ms: float  # median process CPU time per call
+    cpu_ratio: float | None  # cpu_ms / the first model's; None unless 1 thread
+    verdict: str  # "baseline", "tie", "faster" or "slower" (by cpu_ratio when there is one)
 
 
 @dataclass
@@ -62,6 +82,8 @@ class BenchResult:
     batch: int | None
     rounds: int
     input_shapes: dict[str, list[int]]
+    spread_limit: float = SPREAD_LIMIT
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,10 +94,16 @@ class BenchResult:
                   f"inputs {shapes or '(none)'}")
         width = max([len("model")] + [len(t.path) for t in self.timings])
         lines = [header,
-                 f"{'model':<{width}}  {'median ms':>10}  {'p10-p90 ms':>19}  {'ratio':>6}"]
+                 f"{'model':<{width}}  {'min ms':>9}  {'median ms':>10}  {'p10-p90 ms':>19}  {'spread':>6}  "
+                 f"{'ratio':>6}  {'cpu ratio':>9}  verdict"]
         for t in self.timings:
             spread = f"{t.p10_ms:.3f}-{t.p90_ms:.3f}"
-            lines.append(f"{t.path:<{width}}  {t.median_ms:>10.3f}  {spread:>19}  {t.ratio:>6.3f}")
+            cpu = "-" if t.cpu_ratio is None else f"{t.cpu_ratio:.3f}"
+            lines.append(f"{t.path:<{width}}  {t.min_ms:>9.3f}  {t.median_ms:>10.3f}  {spread:>19}  "
+                         f"{t.spread:>6.2f}  {t.ratio:>6.3f}  {cpu:>9}  {t.verdict}")
+        basis = "CPU time" if self.threads == 1 else "median"
+        lines.append(f"verdict by {basis} ratio; within {TIE:.0%} of 1 is a tie")
+        lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
@@ -114,16 +142,46 @@ def bench(models: Sequence[ModelSource], *, threads: int = 1, batch: int | None 
 
         for label, session in zip(labels, sessions):
             _warm_up(label, session, feeds, warmup)
-        samples = _timed_rounds(sessions, feeds, rounds, repeat, progress)
+        samples, cpu_samples = _timed_rounds(sessions, feeds, rounds, repeat, progress)
 
-    medians = [float(np.median(s)) for s in samples]
-    timings = [ModelTiming(path=label, median_ms=median,
-                           p10_ms=float(np.percentile(s, 10)), p90_ms=float(np.percentile(s, 90)),
-                           samples_ms=[float(x) for x in s], ratio=median / medians[0])
-               for label, s, median in zip(labels, samples, medians)]
     resolved = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+    # On CUDA the host thread mostly waits: its CPU time says nothing about the work.
+    timings = _timings(labels, samples, cpu_samples, single_thread=threads == 1 and resolved == "cpu")
     return BenchResult(timings=timings, provider=resolved, threads=threads, batch=batch,
-                       rounds=rounds, input_shapes=shapes)
+                       rounds=rounds, input_shapes=shapes, warnings=_warnings(timings))
+
+
+def _timings(labels: list[str], samples: list[list[float]], cpu_samples: list[list[float]],
+             single_thread: bool) -> list[ModelTiming]:
+    medians = [float(np.median(s)) for s in samples]
+    cpu_medians = [float(np.median(c)) for c in cpu_samples]
+    timings = []
+    for index, (label, s) in enumerate(zip(labels, samples)):
+        p10, p90 = float(np.percentile(s, 10)), float(np.percentile(s, 90))
+        ratio = medians[index] / medians[0]
+        # A CPU clock too coarse to see a run (0 ms) gives no ratio rather than a division by zero.
+        cpu_ratio = cpu_medians[index] / cpu_medians[0] if single_thread and cpu_medians[0] > 0 else None
+        timings.append(ModelTiming(
+            path=label, median_ms=medians[index], min_ms=float(np.min(s)), p10_ms=p10, p90_ms=p90,
+            spread=p90 / p10 if p10 > 0 else float("inf"), samples_ms=[float(x) for x in s], ratio=ratio,
+            cpu_ms=cpu_medians[index], cpu_ratio=cpu_ratio,
+            verdict="baseline" if index == 0 else _verdict(cpu_ratio if cpu_ratio is not None else ratio)))
+    return timings
+
+
+def _verdict(ratio: float) -> str:
+    if abs(ratio - 1) <= TIE:
+        return "tie"
+    return "faster" if ratio < 1 else "slower"
+
+
+def _warnings(timings: list[ModelTiming]) -> list[str]:
+    wide = [t for t in timings if t.spread > SPREAD_LIMIT]
+    if not wide:
+        return []
+    named = ", ".join(f"{t.path} {t.spread:.2f}" for t in wide)
+    return [f"spread too wide to trust the medians (p90/p10 over {SPREAD_LIMIT}: {named}); the machine is "
+            "busy or the runs too short: compare min and CPU-time ratio, or rerun with more rounds"]
 
 
 def _warm_up(label: str, session: ort.InferenceSession, feeds: dict[str, np.ndarray],
@@ -138,20 +196,25 @@ def _warm_up(label: str, session: ort.InferenceSession, feeds: dict[str, np.ndar
 
 
 def _timed_rounds(sessions: list[ort.InferenceSession], feeds: dict[str, np.ndarray], rounds: int,
-                  repeat: int, progress: Callable[[int, int], None] | None) -> list[list[float]]:
+                  repeat: int, progress: Callable[[int, int], None] | None
+                  ) -> tuple[list[list[float]], list[list[float]]]:
+    """Per model, wall-clock and process CPU milliseconds per call, one sample per round."""
     samples: list[list[float]] = [[] for _ in sessions]
+    cpu_samples: list[list[float]] = [[] for _ in sessions]
     count = len(sessions)
     for round_index in range(rounds):
         for offset in range(count):
             which = (round_index + offset) % count
             session = sessions[which]
-            start = time.perf_counter()
+            cpu_start, start = cpu_clock(), wall_clock()
             for _ in range(repeat):
                 session.run(None, feeds)
-            samples[which].append((time.perf_counter() - start) * 1000.0 / repeat)
+            wall, cpu = wall_clock() - start, cpu_clock() - cpu_start
+            samples[which].append(wall * 1000.0 / repeat)
+            cpu_samples[which].append(cpu * 1000.0 / repeat)
         if progress is not None:
             progress(round_index + 1, rounds)
-    return samples
+    return samples, cpu_samples
 
 
 def _providers(provider: str) -> list[str]:

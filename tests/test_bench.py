@@ -62,20 +62,84 @@ def test_result_structure(model_paths):
 
 def test_to_dict_is_json(model_paths):
     data = bench(model_paths, **FAST).to_dict()
-    assert set(data) == {"timings", "provider", "threads", "batch", "rounds", "input_shapes"}
-    assert set(data["timings"][0]) == {"path", "median_ms", "p10_ms", "p90_ms", "samples_ms", "ratio"}
+    assert set(data) == {"timings", "provider", "threads", "batch", "rounds", "input_shapes", "spread_limit",
+                         "warnings"}
+    assert set(data["timings"][0]) == {"path", "median_ms", "min_ms", "p10_ms", "p90_ms", "spread", "samples_ms",
+                                       "ratio", "cpu_ms", "cpu_ratio", "verdict"}
     assert json.loads(json.dumps(data)) == data
 
 
 def test_format_table(model_paths):
     table = bench(model_paths, **FAST).format_table()
     lines = table.splitlines()
-    assert len(lines) == 2 + len(model_paths)
-    assert "median ms" in lines[1] and "ratio" in lines[1]
+    assert lines[1].split()[1:] == ["min", "ms", "median", "ms", "p10-p90", "ms", "spread", "ratio", "cpu", "ratio",
+                                    "verdict"]
     assert "x:1x3x8x8" in lines[0]
-    for path, line in zip(model_paths, lines[2:]):
+    for path, line in zip(model_paths, lines[2:4]):
         assert line.startswith(path)
-    assert lines[2].rstrip().endswith("1.000")
+    assert lines[2].split()[-3:] == ["1.000", "1.000", "baseline"]
+    assert lines[4] == "verdict by CPU time ratio; within 5% of 1 is a tie"
+
+
+class FakeClocks:
+    """Wall-clock and CPU clocks that advance by scripted amounts per timed sample."""
+
+    def __init__(self, wall_ms, cpu_ms) -> None:
+        self.wall = self._clock(wall_ms)
+        self.cpu = self._clock(cpu_ms)
+
+    @staticmethod
+    def _clock(steps_ms):
+        # Each clock is read at the start and at the end of a sample: it advances on the end.
+        steps, now, reads = iter(steps_ms), 0.0, 0
+
+        def read() -> float:
+            nonlocal now, reads
+            reads += 1
+            if reads % 2 == 0:
+                now += next(steps) / 1000
+            return now
+        return read
+
+
+def fake_bench(monkeypatch, paths, wall_ms, cpu_ms, **kw):
+    clocks = FakeClocks(wall_ms, cpu_ms)
+    monkeypatch.setattr(bench_module, "wall_clock", clocks.wall)
+    monkeypatch.setattr(bench_module, "cpu_clock", clocks.cpu)
+    return bench(paths, rounds=10, warmup=1, repeat=1, **kw)
+
+
+def test_wide_spread_warns_in_text_and_json(model_paths, monkeypatch):
+    # Round r times model (r + i) % 2 in slot i; every other round a neighbour steals the core.
+    wall = [1.0 if r % 2 else 3.0 for r in range(10) for _ in range(2)]
+    result = fake_bench(monkeypatch, model_paths, wall, [1.0] * 20)
+    assert all(t.spread == pytest.approx(3.0) for t in result.timings)
+    assert all(t.min_ms == pytest.approx(1.0) for t in result.timings)
+    [warning] = result.warnings
+    assert "spread too wide" in warning and model_paths[0] in warning and model_paths[1] in warning
+    assert f"warning: {warning}" in result.format_table()
+    assert json.loads(json.dumps(result.to_dict()))["warnings"] == [warning]
+
+
+def test_steady_timings_do_not_warn(model_paths, monkeypatch):
+    result = fake_bench(monkeypatch, model_paths, [2.0] * 20, [2.0] * 20)
+    assert result.warnings == [] and "warning" not in result.format_table()
+    assert [t.verdict for t in result.timings] == ["baseline", "tie"]
+
+
+def test_cpu_ratio_decides_the_verdict_on_one_thread(model_paths, monkeypatch):
+    # Wall clock says equal (the machine was busy); the CPU time this process spent says 30% less.
+    rounds = [(r + i) % 2 for r in range(10) for i in range(2)]  # which model each sample times
+    result = fake_bench(monkeypatch, model_paths, [2.0] * 20, [1.0 if m == 0 else 0.7 for m in rounds])
+    second = result.timings[1]
+    assert second.ratio == pytest.approx(1.0) and second.cpu_ratio == pytest.approx(0.7)
+    assert second.verdict == "faster"
+
+
+def test_no_cpu_ratio_with_several_threads(model_paths, monkeypatch):
+    result = fake_bench(monkeypatch, model_paths, [2.0] * 20, [3.0] * 20, threads=2)
+    assert [t.cpu_ratio for t in result.timings] == [None, None]
+    assert "verdict by median ratio" in result.format_table()
 
 
 def test_model_protos_and_single_model():

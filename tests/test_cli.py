@@ -363,9 +363,11 @@ def test_bench_flag_prints_a_latency_comparison(work, capsys):
     code, out, _ = run(capsys, work / "in.onnx", "-o", work / "out.onnx", "--bench")
     assert code == 0
     table = out[out.index("median ms"):]
-    rows = [line for line in table.splitlines()[1:] if line.strip()]
+    rows = [line for line in table.splitlines()[1:3]]
     assert [row.split()[0] for row in rows] == [str(work / "in.onnx"), str(work / "out.onnx")]
-    assert rows[0].split()[-1] == "1.000"  # the input is the baseline
+    assert rows[0].split()[-3:] == ["1.000", "1.000", "baseline"]  # the input is the baseline
+    assert rows[1].split()[-1] in ("tie", "faster", "slower")
+    assert "verdict by CPU time ratio" in table
 
 
 # --- command-line nits (issue 10) -------------------------------------------------------------
