@@ -81,7 +81,9 @@ def test_report(work, capsys):
     assert code == 0, err
     data = json.loads((work / "r.json").read_text())
     for side in ("before", "after"):
-        assert set(data[side]) == {"nodes", "convs", "depth", "params", "macs"}
+        assert set(data[side]) == {"nodes", "convs", "depth", "params", "macs", "file_bytes"}
+    assert data["before"]["file_bytes"] == os.path.getsize(work / "in.onnx")
+    assert data["after"]["file_bytes"] == os.path.getsize(work / "out.onnx")
     assert data["before"]["macs"] == 2 * 8831296
     assert data["rewrites"] and all({"pass_name", "nodes_removed", "nodes_added", "exact", "error_bound"}
                                     <= set(r) for r in data["rewrites"])
