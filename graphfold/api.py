@@ -16,7 +16,8 @@ from graphfold.calibration import CalibrationSource, load_calibration
 from graphfold.engine import FoldContext, FoldOptions, run_pipeline
 from graphfold.errors import UsageError, ValidationError
 from graphfold.external import Spill, has_external_refs
-from graphfold.inputs import ShapeMap, check_input_shapes, resolve_shapes
+from graphfold.inputs import (ShapeMap, check_input_shapes, dynamic_inputs, fit_input_values, resolve_shapes,
+                              shapes_text, value_shapes)
 from graphfold.io import load_model
 from graphfold.passes import build_pipeline
 from graphfold.passes.cleanup import quiet_graphsurgeon
@@ -43,7 +44,8 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
          labels: str | np.ndarray | None = None, tolerance: float = 0.0, snap_slope: float | None = None,
          epsilon: float | None = None, drop_branches: int = 0, target_depth: int | None = None,
          allow_border: bool = False, approx_options: ApproxOptions | None = None,
-         freeze_initializer_inputs: bool = False) -> tuple[onnx.ModelProto, Report]:
+         freeze_initializer_inputs: bool = False,
+         input_values: Mapping[str, object] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Fold ``model`` and, unless ``check`` is False, validate the result against it.
 
     Returns the optimized model and its ``Report``. Raises ``ValidationError`` (carrying the
@@ -60,9 +62,15 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     Initializers that are also graph inputs may be fed at run time, so they are not folded;
     ``freeze_initializer_inputs`` takes them as the constants they are in most exports and
     drops them from the inputs (validation still runs the original with their defaults).
+
+    ``input_values`` gives inputs that random data would not fit (a sample rate, a state) fixed
+    values: arrays or numbers by input name, fed by validation and to calibration data that lacks
+    them; a scalar for a tensor input fills it.
     """
     original = as_model(model)
     check_input_shapes(original, input_shapes)
+    values = fit_input_values(original, input_values, input_shapes)
+    input_shapes = value_shapes(values, input_shapes)
     source = frozen_initializer_inputs(original) if freeze_initializer_inputs else original
     pipeline = build_pipeline(passes, skip_passes)
     options = approx_options or ApproxOptions(tolerance, snap_slope, epsilon, drop_branches, target_depth,
@@ -71,9 +79,10 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     concrete = infer_concrete(original, input_shapes)
     report = Report(before=model_stats(original, concrete), after={},
                     input_shapes=_safe_resolve(original, input_shapes))
+    data = None  # calibration data, when the approximate stage ran
     if options.requested or options.tolerance > 0 or calibration is not None or labels is not None:
-        folded = _fold_approximate(source, report, options, calibration, labels, passes, skip_passes, fold_all,
-                                   input_shapes, progress)
+        folded, data = _fold_approximate(source, report, options, calibration, labels, passes, skip_passes,
+                                         fold_all, input_shapes, progress, values)
     else:
         folded, report.rewrites, report.declines = _fold_exact(source, pipeline, fold_all, input_shapes, progress,
                                                                concrete)
@@ -83,14 +92,20 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
         report.notes.append(f"{len(overridable)} initializer(s) are also graph inputs, which a caller may feed "
                             f"at run time ({', '.join(overridable[:3])}{', ...' if len(overridable) > 3 else ''}): "
                             "they were kept as inputs and not folded; --freeze-initializer-inputs folds them")
+    open_inputs = dynamic_inputs(original, input_shapes)
+    if open_inputs and all(name in report.input_shapes for name in open_inputs):
+        shapes = shapes_text({name: report.input_shapes[name] for name in open_inputs})
+        report.notes.append(f"dynamic dims resolved as {shapes} (give --input-shape to choose)")
     if check and report.validation is None:
+        # Real calibration data beats random inputs for an exact run too.
+        feeds = data.batches() if data is not None and not data.is_random else None
         try:
             report.validation = compare_models(original, folded, input_shapes=input_shapes, seeds=seeds,
-                                               rtol=rtol, progress=progress)
+                                               rtol=rtol, progress=progress, input_values=values, feeds=feeds)
         except UsageError as exc:
             raise UsageError(f"{exc}; --no-check (check=False) folds without validating") from None
         if not report.validation.passed:
-            error = ValidationError(report.validation.summary())
+            error = ValidationError(report.validation.summary().splitlines()[0])
             error.report = report
             raise error
     return folded, report
@@ -118,9 +133,10 @@ def _fold_exact(original: onnx.ModelProto, pipeline: Sequence, fold_all: bool, i
 
 def _fold_approximate(original: onnx.ModelProto, report: Report, options: ApproxOptions,
                       calibration: CalibrationSource, labels, passes, skip_passes, fold_all: bool,
-                      input_shapes: ShapeMap | None, progress) -> onnx.ModelProto:
-    """The exact pipeline plus the measured approximate stage; fills the report's approximate fields."""
-    data = load_calibration(calibration, original, labels=labels, input_shapes=input_shapes)
+                      input_shapes: ShapeMap | None, progress, values: Mapping[str, np.ndarray]):
+    """The exact pipeline plus the measured approximate stage; fills the report's approximate fields.
+    Returns the model and the calibration data."""
+    data = load_calibration(calibration, original, labels=labels, input_shapes=input_shapes, input_values=values)
     report.calibration = data.info()
 
     def exact(model: onnx.ModelProto):
@@ -135,7 +151,7 @@ def _fold_approximate(original: onnx.ModelProto, report: Report, options: Approx
         report.validation = outcome.validation
         report.notes.append(f"validated on the {data.samples} calibration samples at --tolerance "
                             f"{options.tolerance:g}, not on random inputs: the result is approximate")
-    return outcome.model
+    return outcome.model, data
 
 
 def inspect(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None,
@@ -149,10 +165,15 @@ def inspect(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None
 
 def check(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, *,
           input_shapes: ShapeMap | None = None, seeds: Sequence[int] = DEFAULT_SEEDS,
-          rtol: float = DEFAULT_RTOL, feeds: Iterable[Mapping[str, np.ndarray]] | None = None) -> ValidationResult:
-    """Compare two models' outputs under onnxruntime on the same inputs."""
-    return compare_models(as_model(reference), as_model(candidate), input_shapes=input_shapes,
-                          seeds=seeds, rtol=rtol, feeds=feeds)
+          rtol: float = DEFAULT_RTOL, feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
+          input_values: Mapping[str, object] | None = None) -> ValidationResult:
+    """Compare two models' outputs under onnxruntime on the same inputs (``feeds``, else seeded
+    random ones with ``input_values`` for their inputs, as in ``fold``)."""
+    reference = as_model(reference)
+    check_input_shapes(reference, input_shapes)
+    values = fit_input_values(reference, input_values, input_shapes)
+    return compare_models(reference, as_model(candidate), input_shapes=value_shapes(values, input_shapes),
+                          seeds=seeds, rtol=rtol, feeds=feeds, input_values=values)
 
 
 def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:

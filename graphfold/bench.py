@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from graphfold import io as model_io
 from graphfold.errors import UsageError, first_line
-from graphfold.inputs import make_inputs, real_inputs, resolve_shapes
+from graphfold.inputs import fit_input_values, make_inputs, real_inputs, resolve_shapes, shapes_text, value_shapes
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class BenchResult:
         return dataclasses.asdict(self)
 
     def format_table(self) -> str:
-        shapes = ", ".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in self.input_shapes.items())
+        shapes = shapes_text(self.input_shapes)
         header = (f"onnxruntime {self.provider}, {self.threads} thread(s), {self.rounds} rounds, "
                   f"inputs {shapes or '(none)'}")
         width = max([len("model")] + [len(t.path) for t in self.timings])
@@ -110,11 +110,13 @@ class BenchResult:
 def bench(models: Sequence[ModelSource], *, threads: int = 1, batch: int | None = None,
           input_shapes: Mapping[str, Sequence[int]] | None = None, provider: str = "cpu",
           rounds: int = 20, warmup: int = 5, repeat: int = 10, opt_level: str = "all",
-          progress: Callable[[int, int], None] | None = None) -> BenchResult:
+          progress: Callable[[int, int], None] | None = None,
+          input_values: Mapping[str, object] | None = None) -> BenchResult:
     """Time ``models`` under onnxruntime with identical settings and inputs.
 
     ``warmup`` untimed runs per model (at least one is always made, to catch inputs the model
-    refuses) precede the timed rounds; ``progress(done, total)`` is called after each round. On CUDA the times include
+    refuses) precede the timed rounds; ``progress(done, total)`` is called after each round.
+    ``input_values`` feeds fixed values (arrays or numbers by input name) instead of random data. On CUDA the times include
     copying the inputs to the device and the outputs back, as a plain ``session.run`` does.
     """
     if not models:
@@ -135,7 +137,9 @@ def bench(models: Sequence[ModelSource], *, threads: int = 1, batch: int | None 
             sources.append(source)
             graphs.append(graph_model)
         _check_same_inputs(labels, graphs)
-        feeds = make_inputs(graphs[0], input_shapes, seed=0, batch=batch)
+        values = fit_input_values(graphs[0], input_values, input_shapes)
+        input_shapes = value_shapes(values, input_shapes)
+        feeds = make_inputs(graphs[0], input_shapes, seed=0, batch=batch, values=values)
         shapes = resolve_shapes(graphs[0], input_shapes, batch)
         options = _session_options(threads, opt_level)
         sessions = [_session(label, source, options, providers) for label, source in zip(labels, sources)]

@@ -41,6 +41,7 @@ class Calibration:
     source: str  # the file, "arrays" for data given in memory, or "random"
     batch_size: int
     notes: list[str] = field(default_factory=list)
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)  # --input-value inputs, fed whole to every batch
 
     @property
     def samples(self) -> int:
@@ -55,7 +56,7 @@ class Calibration:
         total = self.samples if samples is None else min(samples, self.samples)
         for start in range(0, total, self.batch_size):
             stop = min(start + self.batch_size, total)
-            yield {name: array[start:stop] for name, array in self.arrays.items()}
+            yield {**{name: array[start:stop] for name, array in self.arrays.items()}, **self.fixed}
 
     def label_batches(self) -> Iterator[np.ndarray]:
         if self.labels is None:
@@ -71,6 +72,7 @@ class Calibration:
             "samples": self.samples,
             "batch_size": self.batch_size,
             "inputs": {name: list(array.shape) for name, array in self.arrays.items()},
+            "input_values": {name: list(array.shape) for name, array in self.fixed.items()},
             "labels": self.labels is not None,
             "notes": list(self.notes),
         }
@@ -79,43 +81,65 @@ class Calibration:
 def load_calibration(source: CalibrationSource, model: onnx.ModelProto, *,
                      labels: str | os.PathLike | np.ndarray | None = None,
                      input_shapes: ShapeMap | None = None, batch_size: int | None = None,
-                     random_samples: int = RANDOM_SAMPLES, seed: int = 0) -> Calibration:
+                     random_samples: int = RANDOM_SAMPLES, seed: int = 0,
+                     input_values: Mapping[str, np.ndarray] | None = None) -> Calibration:
     """Calibration data for ``model``: from a file or arrays, else seeded random inputs.
+    ``input_values`` (fitted by ``inputs.fit_input_values``) serve the inputs the data lacks.
 
     Raises ``UsageError`` with one readable line for a missing or unreadable file, an input the
     data lacks, arrays of the wrong rank, dims, dtype or sample count, or unusable labels.
     """
+    values = dict(input_values or {})
     inputs = real_inputs(model.graph)
     if not inputs:
         raise UsageError("the model has no run-time inputs to calibrate")
     if source is None:
         if labels is not None:
             raise UsageError("--labels needs --calibration: labels for random inputs mean nothing")
-        return _random(model, input_shapes, batch_size, random_samples, seed)
+        return _random(model, input_shapes, batch_size, random_samples, seed, values)
     what, arrays = _read(source, [vi.name for vi in inputs])
     notes: list[str] = []
     label_values = arrays.pop(LABELS_KEY, None) if LABELS_KEY not in {vi.name for vi in inputs} else None
     if labels is not None:
         label_values = _read_labels(labels)
-    missing = [vi.name for vi in inputs if vi.name not in arrays]
-    if missing:
+    missing = [vi.name for vi in inputs if vi.name not in arrays and vi.name not in values]
+    if missing or not set(arrays) & {vi.name for vi in inputs}:
+        name = missing[0] if missing else inputs[0].name
         keys = ", ".join(sorted(arrays)) or "none"
-        raise UsageError(f"{what}: no array for graph input {missing[0]!r} (arrays: {keys}; "
-                         f"inputs: {', '.join(vi.name for vi in inputs)})")
+        raise UsageError(f"{what}: no array for graph input {name!r} (arrays: {keys}; "
+                         f"inputs: {', '.join(vi.name for vi in inputs)}); an input the data cannot hold "
+                         f"takes a fixed value with --input-value {name}:VALUE")
     extra = sorted(set(arrays) - {vi.name for vi in inputs})
     if extra:
         notes.append(f"ignored arrays that are not graph inputs: {', '.join(extra)}")
-    checked = {vi.name: _checked_array(what, vi, arrays[vi.name], input_shapes, notes) for vi in inputs}
+    checked = {vi.name: _checked_array(what, vi, arrays[vi.name], input_shapes, notes)
+               for vi in inputs if vi.name in arrays}
     counts = {name: array.shape[0] for name, array in checked.items()}
     if len(set(counts.values())) != 1:
         listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise UsageError(f"{what}: inputs have different sample counts ({listed})")
+    given = _given_values([vi for vi in inputs if vi.name not in arrays], values, input_shapes, checked)
     size, fixed = _batch_size(inputs, batch_size)
     if fixed:
         checked = _whole_batches(what, checked, size, notes)
     if label_values is not None:
         label_values = _checked_labels(what, label_values, next(iter(checked.values())).shape[0], notes)
-    return Calibration(checked, label_values, what, size, notes)
+    return Calibration(checked, label_values, what, size, notes, given)
+
+
+def _given_values(inputs: Sequence[onnx.ValueInfoProto], values: Mapping[str, np.ndarray],
+                  input_shapes: ShapeMap | None, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ``--input-value`` inputs: a scalar filling a tensor input joins ``arrays`` as one sample
+    array (the samples counted from ``arrays``); any other value is returned, fed whole to every batch."""
+    samples = next(iter(arrays.values())).shape[0]
+    whole = {}
+    for vi in inputs:
+        value = values[vi.name]
+        if value.ndim == 0 and vi.type.tensor_type.shape.dim:
+            arrays[vi.name] = np.full([samples, *resolve_shape(vi, input_shapes)[1:]], value)
+        else:
+            whole[vi.name] = value
+    return whole
 
 
 def _read(source: CalibrationSource, names: Sequence[str]) -> tuple[str, dict[str, np.ndarray]]:
@@ -168,7 +192,8 @@ def _checked_array(what: str, vi: onnx.ValueInfoProto, array: np.ndarray, input_
     if tensor_type.HasField("shape"):
         dims = tensor_type.shape.dim
         if len(dims) == 0:
-            raise UsageError(f"{what}: graph input {name!r} is a scalar and cannot be fed samples")
+            raise UsageError(f"{what}: graph input {name!r} is a scalar and cannot be fed samples; "
+                             f"leave it out and give it with --input-value {name}:VALUE")
         if array.ndim != len(dims):
             raise UsageError(f"{what}: array {name!r} has shape {list(array.shape)} (rank {array.ndim}), "
                              f"but the input has rank {len(dims)}: [samples, {_dims_text(dims[1:])}]")
@@ -239,18 +264,23 @@ def _checked_labels(what: str, labels: np.ndarray, samples: int, notes: list[str
 
 
 def _random(model: onnx.ModelProto, input_shapes: ShapeMap | None, batch_size: int | None,
-            samples: int, seed: int) -> Calibration:
+            samples: int, seed: int, values: Mapping[str, np.ndarray]) -> Calibration:
     inputs = real_inputs(model.graph)
     size, _ = _batch_size(inputs, batch_size)
     samples = max(samples - samples % size, size)
     rng = np.random.default_rng(seed)
     arrays = {}
     for vi in inputs:
+        if vi.name in values:
+            continue
         shape = resolve_shape(vi, input_shapes)
         arrays[vi.name] = random_array(vi.type.tensor_type.elem_type, [samples, *shape[1:]], rng)
+    if not arrays:
+        raise UsageError("every input has an --input-value: there is nothing to calibrate on")
+    given = _given_values([vi for vi in inputs if vi.name in values], values, input_shapes, arrays)
     note = (f"no --calibration data: decisions were made on {samples} seeded random N(0, 1) inputs, which "
             "are weaker evidence than real inputs")
-    return Calibration(arrays, None, "random", size, [note])
+    return Calibration(arrays, None, "random", size, [note], given)
 
 
 def top1_accuracy(outputs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float | None:

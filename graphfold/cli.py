@@ -16,7 +16,7 @@ from graphfold import api
 from graphfold._version import __version__
 from graphfold.engine import PassError
 from graphfold.errors import GraphfoldError, UsageError, ValidationError
-from graphfold.inputs import parse_input_shape
+from graphfold.inputs import parse_input_shape, parse_input_value
 from graphfold.io import ensure_writable, file_bytes, save_model
 from graphfold.passes import DEFAULT_PIPELINE
 
@@ -71,6 +71,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                         help="concrete shape for a graph input with dynamic dims (repeatable), "
                              "used for validation, shape analysis and MAC counts")
+    parser.add_argument("--input-value", action="append", default=[], metavar="NAME:VALUE",
+                        help="a fixed value for an input random data would not fit, such as a sample rate "
+                             "(sr:16000) or a state (h:0 fills it; a comma list takes --input-shape's shape; "
+                             "or a .npy path); repeatable. Fed by validation, check, bench, and to "
+                             "calibration data that lacks the input")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
 
@@ -153,6 +158,16 @@ def _shapes(specs: Sequence[str]) -> dict[str, list[int]] | None:
     return dict(parse_input_shape(s) for s in specs) or None
 
 
+def _values(specs: Sequence[str]) -> dict | None:
+    values = {}
+    for spec in specs:
+        name, value = parse_input_value(spec)
+        if name in values:
+            raise UsageError(f"--input-value {name} is given twice")
+        values[name] = value
+    return values or None
+
+
 def run_fold(args: argparse.Namespace, console: Console) -> int:
     if args.list_passes:
         for p in DEFAULT_PIPELINE:
@@ -171,6 +186,7 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
     try:
         model, report = api.fold(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
                                  fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
+                                 input_values=_values(args.input_value),
                                  freeze_initializer_inputs=args.freeze_initializer_inputs,
                                  check=not args.no_check, progress=console.progress,
                                  **_approximate_kwargs(args))
@@ -193,7 +209,7 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
         from graphfold import bench
 
         result = bench.bench([args.input, args.output], threads=args.threads,
-                             input_shapes=_shapes(args.input_shape),
+                             input_shapes=_shapes(args.input_shape), input_values=_values(args.input_value),
                              progress=lambda done, total: console.progress(f"timing round {done}/{total}"))
         console.out("")
         console.out(result.format_table())
@@ -224,7 +240,7 @@ def run_check(argv: Sequence[str], console_quiet: bool = False) -> int:
     console = Console(args.quiet)
     _logging(args.verbose)
     result = api.check(args.reference, args.candidate, input_shapes=_shapes(args.input_shape),
-                       seeds=tuple(range(args.seeds)), rtol=args.rtol)
+                       input_values=_values(args.input_value), seeds=tuple(range(args.seeds)), rtol=args.rtol)
     for o in result.outputs:
         console.out(f"  {o.name:24} max abs {o.max_abs:.3g}  max rel {o.max_rel:.3g}  "
                     f"{'ok' if o.passed else 'MISMATCH'} {o.note}".rstrip())
@@ -247,6 +263,7 @@ def run_inspect(argv: Sequence[str]) -> int:
     _quiet_onnxruntime()
     report = api.inspect(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
                          fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
+                         input_values=_values(args.input_value),
                          freeze_initializer_inputs=args.freeze_initializer_inputs,
                          **_approximate_kwargs(args))
     if args.json:
@@ -288,7 +305,8 @@ def run_bench(argv: Sequence[str]) -> int:
     if args.plot:
         bench.plot_backend()  # refuse before the benchmark, not after it
     result = bench.bench(args.models, threads=args.threads, batch=args.batch,
-                         input_shapes=_shapes(args.input_shape), provider=args.provider, rounds=args.rounds,
+                         input_shapes=_shapes(args.input_shape), input_values=_values(args.input_value),
+                         provider=args.provider, rounds=args.rounds,
                          progress=lambda done, total: console.progress(f"round {done}/{total}"))
     console.clear()
     if args.json:

@@ -5,6 +5,11 @@ fusions cannot hide (or cause) a difference, on the same seeded random inputs (o
 user's real ones). For each output the error is max|y' - y|, and the relative error is
 that over max|y|: the check passes when max|y' - y| <= atol + rtol * max|y|. Integer and
 bool outputs must match exactly.
+
+A check can pass without proving anything: a float output that is the same for every input
+(a saturated softmax) or whose values all lie within ``WEAK_ATOL_FACTOR`` times the absolute
+tolerance (a detector's 1e-6 scores on random inputs) would match a wrong model as well. Such
+outputs are named as weak, measured on the outputs the comparison computes anyway.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import numpy as np
 import onnx
 
 from graphfold.errors import UsageError, first_line
-from graphfold.inputs import make_inputs, real_inputs, ShapeMap
+from graphfold.inputs import make_inputs, real_inputs, shapes_text, ShapeMap
 from graphfold.io import session_source
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-6
 DEFAULT_SEEDS = (0, 1, 2)
+# An output whose values all lie within this many times atol is checked to >= 10% of its size.
+WEAK_ATOL_FACTOR = 10
 
 
 @dataclass
@@ -37,6 +44,7 @@ class OutputError:
     scale: float
     passed: bool
     note: str = ""
+    weak: str = ""  # why passing on this output proves little, if it does
 
 
 @dataclass
@@ -57,9 +65,17 @@ class ValidationResult:
     def max_rel(self) -> float:
         return max((o.max_rel for o in self.outputs), default=0.0)
 
+    @property
+    def weak_outputs(self) -> list[str]:
+        return [o.name for o in self.outputs if o.weak]
+
+    @property
+    def weak(self) -> bool:
+        return bool(self.weak_outputs)
+
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(max_abs=self.max_abs, max_rel=self.max_rel)
+        out.update(max_abs=self.max_abs, max_rel=self.max_rel, weak=self.weak, weak_outputs=self.weak_outputs)
         return out
 
     def summary(self) -> str:
@@ -68,7 +84,13 @@ class ValidationResult:
         detail = f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
         if not self.passed and worst is not None:
             detail += f"; worst output {worst.name!r} {worst.note}".rstrip()
-        return f"validation {verdict} on {len(self.inputs)} {self.source} input(s): {detail}"
+        line = f"validation {verdict} on {len(self.inputs)} {self.source} input(s): {detail}"
+        weak = [o for o in self.outputs if o.weak]
+        if not weak:
+            return line
+        listed = "; ".join(f"output {o.name!r} {o.weak}" for o in weak[:3]) + ("; ..." if len(weak) > 3 else "")
+        return (f"{line}\nwarning: validation is weak, it would pass a wrong model too: {listed}. Validate on "
+                "real inputs with --calibration FILE.npz, or choose them with --input-shape/--input-value")
 
 
 class Runner:
@@ -156,8 +178,10 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
                    input_shapes: ShapeMap | None = None, seeds: Sequence[int] = DEFAULT_SEEDS,
                    feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
                    rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
-                   progress: Callable[[str], None] | None = None) -> ValidationResult:
-    """Run both models on the same inputs and compare every output."""
+                   progress: Callable[[str], None] | None = None,
+                   input_values: Mapping[str, np.ndarray] | None = None) -> ValidationResult:
+    """Run both models on the same inputs and compare every output: ``feeds``, else seeded
+    random ones with ``input_values`` (fitted by ``inputs.fit_input_values``) for their inputs."""
     rtol = dtype_rtol(reference, rtol)
     ref_runner = Runner(reference, "original")
     try:
@@ -171,8 +195,9 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
         return ValidationResult(False, [OutputError(n, float("inf"), float("inf"), 0.0, False, "missing")
                                         for n in sorted(missing)], [], rtol, atol)
     source = "calibration" if feeds is not None else "random"
-    batches = list(feeds) if feeds is not None else list(_random_feeds(reference, input_shapes, seeds))
+    batches = list(feeds) if feeds is not None else list(_random_feeds(reference, input_shapes, seeds, input_values))
     worst: dict[str, OutputError] = {}
+    spreads = _Spreads()
     used = []
     for index, batch in enumerate(batches, 1):
         if progress:
@@ -182,7 +207,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
             ref_out = ref_runner.run(batch)
         except Exception as exc:
             # The original failing is the input's fault (or the given shapes'), not graphfold's.
-            shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in used[-1].items())
+            shapes = shapes_text(used[-1])
             raise UsageError(f"onnxruntime cannot run the original model on inputs {shapes} "
                              f"(choose them with --input-shape, or give values with --input-value NAME:VALUE): "
                              f"{first_line(exc)}") from None
@@ -197,15 +222,56 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
             prev = worst.get(name, err)
             # Keep each output's worst case: a failure outranks any pass, then the larger error.
             worst[name] = max(prev, err, key=lambda e: (not e.passed, e.max_rel))
+            spreads.add(name, ref_out[name])
     outputs = [worst[n] for n in ref_runner.output_names if n in worst]
+    for output in outputs:
+        output.weak = spreads.weakness(output.name, rtol, atol)
     return ValidationResult(all(o.passed for o in outputs), outputs, used, rtol, atol, source)
 
 
-def _random_feeds(model: onnx.ModelProto, input_shapes: ShapeMap | None, seeds: Sequence[int]):
-    """Seeded inputs at batch 1; with a symbolic batch dim the last seed runs at batch 2 too."""
-    symbolic_batch = any(
-        vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")
-        for vi in real_inputs(model.graph) if vi.name not in (input_shapes or {}))
+class _Spreads:
+    """Per float output of the original: its largest |value| and how far it moves from the first
+    input's result over the inputs of the same shape, to tell a check that proves little."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, np.ndarray] = {}
+        self.scale: dict[str, float] = {}
+        self.spread: dict[str, float] = {}  # only for outputs seen at least twice at one shape
+
+    def add(self, name: str, value: object) -> None:
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.size == 0:
+            return
+        finite = np.abs(value[np.isfinite(value)])
+        self.scale[name] = max(self.scale.get(name, 0.0), float(finite.max()) if finite.size else 0.0)
+        first = self.first.setdefault(name, value)
+        if first is value or first.shape != value.shape:
+            return
+        with np.errstate(invalid="ignore", over="ignore"):
+            moved = np.abs(value.astype(np.float64) - first)
+        moved = np.where(np.isnan(first) & np.isnan(value), 0.0, moved)
+        self.spread[name] = max(self.spread.get(name, 0.0), float(np.nan_to_num(moved, nan=np.inf).max()))
+
+    def weakness(self, name: str, rtol: float, atol: float) -> str:
+        scale = self.scale.get(name)
+        if scale is None:
+            return ""
+        if scale <= WEAK_ATOL_FACTOR * atol:
+            return (f"is all within {WEAK_ATOL_FACTOR}x the absolute tolerance (max |y| {scale:.3g}, "
+                    f"atol {atol:.3g})" if scale > 0 else "is all zeros")
+        spread = self.spread.get(name)
+        if spread is not None and spread <= atol + rtol * scale:
+            return "is the same for every validation input"
+        return ""
+
+
+def _random_feeds(model: onnx.ModelProto, input_shapes: ShapeMap | None, seeds: Sequence[int],
+                  values: Mapping[str, np.ndarray] | None = None):
+    """Seeded inputs at batch 1; with a symbolic batch dim the last seed runs at batch 2 too,
+    unless the user chose the batch of some input (its shape or its value)."""
+    chosen = set(input_shapes or {}) | set(values or {})
+    symbolic = [vi.name for vi in real_inputs(model.graph)
+                if vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    symbolic_batch = bool(symbolic) and not chosen & set(symbolic)
     for i, seed in enumerate(seeds):
         batch = 2 if symbolic_batch and i == len(seeds) - 1 else None
-        yield make_inputs(model, input_shapes, seed=seed, batch=batch)
+        yield make_inputs(model, input_shapes, seed=seed, batch=batch, values=values)

@@ -158,7 +158,8 @@ def test_summary_reads_like_the_report(sample, folded_sample):
     assert rows["MACs"] == ["8.83M", "8.83M"] and rows["params"][0] == "20.28k"
     assert rows["nodes"][2].startswith("-") and rows["nodes"][2].endswith("%")
     assert "rewrites:" in lines and any(line.split() == ["fold-batchnorm", "6"] for line in lines)
-    assert lines[-1].startswith("validation passed on 3 random input(s)")
+    assert lines[-2].startswith("validation passed on 3 random input(s)")
+    assert lines[-1] == "dynamic dims resolved as input:1x3x32x32 (give --input-shape to choose)"
 
 
 def test_check(sample, folded_sample, monkeypatch):
@@ -196,3 +197,56 @@ def test_fold_leaves_onnxruntime_log_level_alone():
     result = subprocess.run([sys.executable, "-c", code, SAMPLE], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "[I:onnxruntime" in result.stderr.splitlines()[-1]
+
+
+# --- vacuous validation, input values (issue 10) ----------------------------------------------
+
+def test_a_weak_validation_is_marked_in_the_report_and_summary():
+    from tests.test_validate import scaled_conv
+
+    _, report = graphfold.fold(scaled_conv(5e-8))
+    data = report.to_dict()["validation"]
+    assert data["passed"] and data["weak"] is True and data["weak_outputs"] == ["y"]
+    assert "warning: validation is weak" in report.summary()
+    _, report = graphfold.fold(scaled_conv(1.0))
+    assert report.to_dict()["validation"]["weak"] is False and "weak" not in report.summary()
+
+
+def test_calibration_validates_an_exact_run(sample, tmp_path):
+    cal = np.random.default_rng(0).standard_normal((20, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", input=cal)
+    _, report = graphfold.fold(sample, calibration=str(tmp_path / "cal.npz"))
+    assert report.validation.passed and report.validation.source == "calibration"
+    assert [shapes["input"][0] for shapes in report.validation.inputs] == [16, 4]
+    assert report.validation.rtol == 1e-4  # the exact check's tolerance, not an approximate one
+    assert "validation passed on 2 calibration input(s)" in report.summary()
+
+
+def test_dynamic_dims_are_shown_unless_given(sample):
+    _, report = graphfold.fold(sample, check=False)
+    assert "dynamic dims resolved as input:1x3x32x32 (give --input-shape to choose)" in report.notes
+    _, report = graphfold.fold(sample, check=False, input_shapes={"input": [2, 3, 32, 32]})
+    assert not any(note.startswith("dynamic dims") for note in report.notes)
+
+
+def test_sample_rate_input_folds_with_input_values():
+    from tests.util import sample_rate_model
+
+    model = sample_rate_model()
+    with pytest.raises(UsageError, match="--input-value"):
+        graphfold.fold(model)
+    folded, report = graphfold.fold(model, input_values={"sr": 16000})
+    assert report.validation.passed and not report.validation.weak
+    assert "BatchNormalization" not in op_types(folded)
+    assert graphfold.check(model, folded, input_values={"sr": np.int64(16000)}).passed
+    with pytest.raises(UsageError, match="no input of that name"):
+        graphfold.fold(model, input_values={"rate": 16000})
+
+
+def test_sample_rate_input_folds_with_calibration_and_input_values(tmp_path):
+    from tests.util import sample_rate_model
+
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).standard_normal((8, 4, 8, 8)).astype(np.float32))
+    _, report = graphfold.fold(sample_rate_model(), calibration=str(tmp_path / "cal.npz"),
+                               input_values={"sr": 16000})
+    assert report.validation.passed and report.validation.source == "calibration"

@@ -132,7 +132,8 @@ def test_snap_that_exceeds_the_tolerance_is_declined_with_the_numbers():
     assert "PRelu" in op_types(folded) and not approximate(report)
     [reason] = declines(report, "snap-activation")
     assert reason.startswith("would add error") and "> remaining tolerance 1e-06" in reason
-    assert report.validation.source == "random"  # nothing approximate kept: the default check
+    # Nothing approximate kept: the default exact check, on the calibration data given.
+    assert report.validation.source == "calibration" and report.validation.rtol == 1e-4
 
 
 def test_relu_never_negative_on_the_data_is_removed_and_one_that_is_stays():

@@ -237,3 +237,13 @@ def test_plot_without_matplotlib(model_paths, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     with pytest.raises(UsageError, match="matplotlib"):
         plot(result, str(tmp_path / "x.png"))
+
+
+def test_input_values_are_fed():
+    from tests.util import sample_rate_model
+
+    model = sample_rate_model()
+    with pytest.raises(UsageError, match="cannot run"):
+        bench([model], **FAST)
+    result = bench([model], input_values={"sr": 16000}, **FAST)
+    assert result.input_shapes["sr"] == [] and "sr:scalar" in result.format_table()

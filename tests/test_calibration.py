@@ -7,7 +7,8 @@ from onnx import TensorProto, helper
 
 from graphfold.calibration import DEFAULT_BATCH, load_calibration, top1_accuracy
 from graphfold.errors import UsageError
-from tests.util import make_model
+from graphfold.inputs import fit_input_values
+from tests.util import make_model, sample_rate_model
 
 
 def two_input_model(batch="N", x_shape=(3, 4, 4)):
@@ -173,3 +174,32 @@ def test_top1_accuracy():
     labels = [np.array([1, 1]), np.array([1])]
     assert top1_accuracy(scores, labels) == pytest.approx(2 / 3)
     assert top1_accuracy([np.zeros(3)], [np.zeros(3, int)]) is None  # no classes axis
+
+
+# --- inputs the data cannot hold: --input-value (issue 10) ------------------------------------
+
+def test_a_scalar_input_the_data_lacks_takes_its_input_value(tmp_path):
+    model = sample_rate_model()
+    np.savez(tmp_path / "cal.npz", x=arrays(6, (4, 8, 8), names=("x",))["x"])
+    with pytest.raises(UsageError, match="--input-value sr:VALUE"):
+        load_calibration(str(tmp_path / "cal.npz"), model)
+    cal = load_calibration(str(tmp_path / "cal.npz"), model, batch_size=4,
+                           input_values=fit_input_values(model, {"sr": 16000}))
+    batches = list(cal.batches())
+    assert [b["x"].shape[0] for b in batches] == [4, 2]
+    assert all(b["sr"].shape == () and b["sr"] == 16000 for b in batches)
+    assert cal.info()["input_values"] == {"sr": []}
+
+
+def test_a_scalar_given_for_a_tensor_input_fills_one_sample_array():
+    cal = load_calibration({"x": arrays(5)["x"]}, two_input_model(), batch_size=2,
+                           input_values={"z": np.array(0.5, np.float32)})
+    assert cal.arrays["z"].shape == (5, 3, 4, 4) and np.all(cal.arrays["z"] == 0.5)
+    assert [b["z"].shape[0] for b in cal.batches()] == [2, 2, 1]
+
+
+def test_random_calibration_feeds_input_values():
+    model = sample_rate_model()
+    cal = load_calibration(None, model, input_values=fit_input_values(model, {"sr": 16000}))
+    assert cal.is_random and "sr" not in cal.arrays
+    assert all(b["sr"] == 16000 for b in cal.batches())

@@ -442,3 +442,68 @@ def test_original_onnxruntime_cannot_run_points_at_no_check(work, capsys):
     assert code == 2
     assert_one_error_line(err, "onnxruntime cannot run the original", "--no-check", "--input-value")
     assert not (work / "out.onnx").exists()
+
+
+# --- vacuous validation and --input-value (issue 10) ------------------------------------------
+
+def test_vacuous_validation_warns_in_the_summary_and_report(work, capsys):
+    from tests.test_validate import scaled_conv
+
+    onnx.save(scaled_conv(5e-8), str(work / "tiny.onnx"))
+    code, out, _ = run(capsys, work / "tiny.onnx", "-o", work / "out.onnx", "--report", work / "r.json")
+    assert code == 0
+    warning = next(line for line in out.splitlines() if line.startswith("warning: validation is weak"))
+    assert "'y'" in warning and "--calibration" in warning and "--input-shape" in warning
+    validation = json.loads((work / "r.json").read_text())["validation"]
+    assert validation["weak"] is True and validation["weak_outputs"] == ["y"] and validation["source"] == "random"
+
+
+def test_dynamic_dims_are_shown_in_the_summary(work, capsys):
+    code, out, _ = run(capsys, work / "in.onnx", "-o", work / "out.onnx")
+    assert code == 0 and "dynamic dims resolved as input:1x3x32x32 (give --input-shape to choose)" in out
+    code, out, _ = run(capsys, work / "in.onnx", "-o", work / "out.onnx", "--input-shape", "input:2,3,32,32")
+    assert code == 0 and "dynamic dims" not in out
+
+
+def test_calibration_validates_the_exact_run(work, capsys):
+    import numpy as np
+
+    np.savez(work / "cal.npz", input=np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    code, out, _ = run(capsys, work / "in.onnx", "-o", work / "out.onnx", "--calibration", work / "cal.npz",
+                       "--report", work / "r.json")
+    assert code == 0 and "validation passed on 1 calibration input(s)" in out
+    assert json.loads((work / "r.json").read_text())["validation"]["source"] == "calibration"
+
+
+def test_sample_rate_input_folds_and_validates_with_input_value(work, capsys):
+    from tests.util import sample_rate_model
+
+    onnx.save(sample_rate_model(), str(work / "vad.onnx"))
+    code, _, err = run(capsys, work / "vad.onnx", "-o", work / "out.onnx")
+    assert code == 2 and not (work / "out.onnx").exists()
+    assert_one_error_line(err, "--input-value", "--no-check")
+    code, out, _ = run(capsys, work / "vad.onnx", "-o", work / "out.onnx", "--input-value", "sr:16000")
+    assert code == 0 and "validation passed" in out and "weak" not in out
+    assert "BatchNormalization" not in op_types(onnx.load(str(work / "out.onnx")))
+    code, out, _ = run(capsys, "check", work / "vad.onnx", work / "out.onnx", "--input-value", "sr:16000")
+    assert code == 0 and "validation passed" in out
+    code, out, _ = run(capsys, "bench", work / "vad.onnx", work / "out.onnx", "--input-value", "sr:16000",
+                       "--rounds", "2")
+    assert code == 0 and "sr:scalar" in out
+    code, out, _ = run(capsys, "-q", "inspect", work / "vad.onnx", "--input-value", "sr:16000")
+    assert code == 0 and out == ""
+
+
+@pytest.mark.parametrize("value, message", [
+    ("rate:16000", "no input of that name"), ("sr:16000.5", "cannot hold"), ("sr:1,2", "rank 0"),
+    ("sr", "expected NAME:VALUE"), ("sr:loud", "is not a number"), ("sr:absent.npy", "cannot read"),
+])
+def test_bad_input_values_are_refused(work, capsys, value, message):
+    from tests.util import sample_rate_model
+
+    onnx.save(sample_rate_model(), str(work / "vad.onnx"))
+    code, out, err = run(capsys, work / "vad.onnx", "-o", work / "out.onnx", "--report", work / "r.json",
+                         "--input-value", value)
+    assert code == 2 and out == ""
+    assert_one_error_line(err, message)
+    assert sorted(os.listdir(work)) == ["in.onnx", "vad.onnx"]

@@ -7,9 +7,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphfold.errors import UsageError
-from graphfold.inputs import DEFAULT_DIM, make_inputs, parse_input_shape, resolve_shapes
+from graphfold.inputs import (DEFAULT_DIM, fit_input_values, make_inputs, parse_input_shape, parse_input_value,
+                              resolve_shapes)
 from graphfold.validate import compare_models, compare_outputs, dtype_rtol
-from tests.util import make_model, model_from_text
+from tests.util import make_model, model_from_text, sample_rate_model
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 
@@ -214,3 +215,115 @@ def test_sequence_outputs_are_compared_element_by_element():
     assert not compare_outputs("s", [a, a], [a], 1e-4, 1e-6).passed
     assert compare_outputs("o", None, None, 1e-4, 1e-6).passed  # an empty optional output
     assert not compare_outputs("o", None, [a], 1e-4, 1e-6).passed
+
+
+# --- weak validation (issue 10) ---------------------------------------------------------------
+
+def scaled_conv(scale: float, bias: float = 0.0) -> onnx.ModelProto:
+    """x [1, 3, 8, 8] -> Conv (weights * scale, bias) -> y."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * scale).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.full(4, bias, np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1] * 4)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [weight, b])
+
+
+def test_validation_is_weak_when_an_output_is_below_the_absolute_tolerance():
+    tiny = scaled_conv(5e-8)
+    # A wrong model (all zeros) passes: that is what makes the check weak.
+    wrong = scaled_conv(0.0)
+    result = compare_models(tiny, wrong)
+    assert result.passed and result.weak and result.weak_outputs == ["y"]
+    assert "within 10x the absolute tolerance" in result.outputs[0].weak
+    data = result.to_dict()
+    assert data["weak"] is True and data["weak_outputs"] == ["y"]
+    warning = result.summary().splitlines()[1]
+    assert warning.startswith("warning: validation is weak") and "'y'" in warning
+    assert "--calibration" in warning and "--input-shape" in warning and "--input-value" in warning
+
+
+def test_validation_is_weak_when_an_output_is_the_same_for_every_input():
+    constant = scaled_conv(0.0, bias=0.5)
+    result = compare_models(constant, constant)
+    assert result.weak and "is the same for every validation input" in result.outputs[0].weak
+
+
+def test_validation_of_an_ordinary_model_is_not_weak():
+    model = scaled_conv(1.0)
+    result = compare_models(model, model)
+    assert result.passed and not result.weak and result.weak_outputs == []
+    assert len(result.summary().splitlines()) == 1 and result.to_dict()["weak"] is False
+
+
+# --- --input-value (issue 10) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [
+    ("sr:16000", np.array(16000)), ("mask:1,0,1", np.array([1, 0, 1])), ("t:0.5", np.array(0.5)),
+    ("flag:true", np.array(True)), ("one:7,", np.array([7])),
+])
+def test_parse_input_value(spec, expected):
+    name, value = parse_input_value(spec)
+    assert name == spec.split(":")[0]
+    np.testing.assert_array_equal(value, expected)
+    assert value.shape == expected.shape
+
+
+def test_parse_input_value_reads_npy(tmp_path):
+    np.save(tmp_path / "state.npy", np.zeros((2, 1, 8), np.float32))
+    name, value = parse_input_value(f"state:{tmp_path / 'state.npy'}")
+    assert name == "state" and value.shape == (2, 1, 8)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sr", "expected NAME:VALUE"), ("sr:", "expected NAME:VALUE"), ("sr:abc", "is not a number"),
+    ("sr:/no/such.npy", "cannot read"),
+])
+def test_parse_input_value_refuses(spec, message):
+    with pytest.raises(UsageError, match=message):
+        parse_input_value(spec)
+
+
+def state_model() -> onnx.ModelProto:
+    """x [N, 4] float, sr int64 scalar, h [2, N, 3] float, mask [4] float: y = x * mask."""
+    nodes = [helper.make_node("Mul", ["x", "mask"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+              helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, "N", 3]),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, [4])]
+    return make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+
+
+def test_fit_input_values_types_and_shapes():
+    model = state_model()
+    fitted = fit_input_values(model, {"sr": np.array(16000), "h": np.array(0), "mask": np.array([1, 0, 1, 0])})
+    assert fitted["sr"].dtype == np.int64 and fitted["sr"].shape == ()
+    assert fitted["mask"].dtype == np.float32 and fitted["mask"].tolist() == [1, 0, 1, 0]
+    assert fitted["h"].shape == ()  # a scalar fills the tensor, whatever shape it gets
+    feeds = make_inputs(model, {"x": [3, 4]}, values=fitted)
+    assert feeds["h"].shape == (2, DEFAULT_DIM, 3) and np.all(feeds["h"] == 0) and feeds["h"].dtype == np.float32
+    assert feeds["sr"] == 16000 and feeds["x"].shape == (3, 4)
+    shaped = fit_input_values(model, {"h": np.arange(6)}, {"h": [2, 1, 3]})
+    assert shaped["h"].shape == (2, 1, 3)
+
+
+@pytest.mark.parametrize("values, shapes, message", [
+    ({"rate": 1}, None, "no input of that name"),
+    ({"sr": 16000.5}, None, "cannot hold"),
+    ({"sr": 2**70}, None, "cannot hold"),
+    ({"sr": [1, 2]}, None, "rank 0"),
+    ({"mask": [1, 2, 3]}, None, "model fixes it at 4"),
+    ({"h": np.arange(5)}, {"h": [2, 1, 3]}, "do not fill"),
+    ({"h": np.arange(6)}, None, "give its shape with --input-shape"),
+])
+def test_fit_input_values_refuses(values, shapes, message):
+    with pytest.raises(UsageError, match=message):
+        fit_input_values(state_model(), {k: np.asarray(v) for k, v in values.items()}, shapes)
+
+
+def test_validation_feeds_given_values():
+    model = sample_rate_model()
+    with pytest.raises(UsageError, match="--input-value"):
+        compare_models(model, model)  # random sample rates: onnxruntime fails on the else-branch
+    result = compare_models(model, model, input_values=fit_input_values(model, {"sr": 16000}))
+    assert result.passed and all(shapes["sr"] == [] for shapes in result.inputs)

@@ -164,3 +164,25 @@ def assert_declines(model: onnx.ModelProto, passes: Sequence[str], reason: str, 
 def conv_attrs(model: onnx.ModelProto, index: int = 0) -> dict:
     node = [n for n in model.graph.node if n.op_type == "Conv"][index]
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def sample_rate_model(batch: int | str = "N") -> onnx.ModelProto:
+    """A model with an int64 scalar ``sr`` input that must be 16000, as silero-vad's: Conv + BN on
+    x [batch, 4, 8, 8], then ``If(sr == 16000)``: the then-branch scales by ``16000 / sr``, the
+    else-branch reshapes to a shape no input fits, so onnxruntime fails on any other rate."""
+    net = Net([batch, 4, 8, 8])
+    h = net.batchnorm(net.conv(net.x, "conv", 4, 4, pads=[1, 1, 1, 1]), "bn", 4)
+    net.inputs.append(helper.make_tensor_value_info("sr", TensorProto.INT64, []))
+    net.const("rate", np.array(16000, np.int64))
+    net.const("rate_f", np.array(16000.0, np.float32))
+    net.op("Equal", ["sr", "rate"], "is_16k")
+    then = helper.make_graph(
+        [helper.make_node("Cast", ["sr"], ["sr_f"], to=FLOAT), helper.make_node("Div", [h, "sr_f"], ["per_rate"]),
+         helper.make_node("Mul", ["per_rate", "rate_f"], ["scaled"])],
+        "then", [], [helper.make_tensor_value_info("scaled", FLOAT, [batch, 4, 8, 8])])
+    other = helper.make_graph(
+        [helper.make_node("Constant", [], ["bad_shape"], value=numpy_helper.from_array(np.array([7, -1, 13, 1]))),
+         helper.make_node("Reshape", [h, "bad_shape"], ["garbage"])],
+        "else", [], [helper.make_tensor_value_info("garbage", FLOAT, None)])
+    net.nodes.append(helper.make_node("If", ["is_16k"], ["y"], name="by_rate", then_branch=then, else_branch=other))
+    return make_model(net.nodes, net.inputs, [helper.make_tensor_value_info("y", FLOAT, [batch, 4, 8, 8])], net.inits)
