@@ -116,8 +116,9 @@ def bench(models: Sequence[ModelSource], *, threads: int = 1, batch: int | None 
 
     ``warmup`` untimed runs per model (at least one is always made, to catch inputs the model
     refuses) precede the timed rounds; ``progress(done, total)`` is called after each round.
-    ``input_values`` feeds fixed values (arrays or numbers by input name) instead of random data. On CUDA the times include
-    copying the inputs to the device and the outputs back, as a plain ``session.run`` does.
+    ``input_values`` feeds fixed values (arrays or numbers by input name) instead of random data.
+    On CUDA the times include copying the inputs to the device and the outputs back, as a plain
+    ``session.run`` does.
     """
     if not models:
         raise UsageError("bench needs at least one model")
