@@ -96,3 +96,54 @@ def test_output_error():
     assert corpus_run.output_error(a, a.astype(np.float64)) == (float("inf"), False)
     assert corpus_run.output_error([a, a], [a]) == (float("inf"), False)
     assert corpus_run.output_error(np.array(["x"]), np.array(["y"]))[1] is False
+
+
+# --- the user's own models (--models DIR) -----------------------------------------------------
+
+@pytest.fixture
+def user_models(tmp_path):
+    """resnet_bn, a sample-rate model whose sidecar gives sr, and a model whose check is weak."""
+    import shutil
+
+    import onnx
+
+    from tests.test_validate import scaled_conv
+    from tests.util import sample_rate_model
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), os.pardir, "models", "resnet_bn.onnx"), tmp_path)
+    (tmp_path / "audio").mkdir()
+    onnx.save(sample_rate_model(), str(tmp_path / "audio" / "vad.onnx"))
+    (tmp_path / "audio" / "vad.json").write_text('{"input_value": ["sr:16000"]}')
+    onnx.save(scaled_conv(5e-8), str(tmp_path / "tiny.onnx"))
+    return tmp_path
+
+
+def test_user_models_run_with_their_sidecars(user_models, capsys):
+    import json
+
+    code = corpus_run.main(["--models", str(user_models), "--json", str(user_models / "rows.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads((user_models / "rows.json").read_text())}
+    assert set(rows) == {"resnet_bn.onnx", os.path.join("audio", "vad.onnx"), "tiny.onnx"}
+    assert all(row["status"] == corpus_run.OK and row["group"] == "user" for row in rows.values())
+    assert rows[os.path.join("audio", "vad.onnx")]["rewrites"] == 1  # its BatchNorm, validated at sr=16000
+    assert rows["tiny.onnx"]["note"] == "validation weak: y" and rows["resnet_bn.onnx"]["note"] == ""
+    assert "3 models: 3 ok (1 of them with weak validation)" in out
+
+
+def test_user_models_take_input_values_from_the_command_line(user_models, capsys):
+    (user_models / "audio" / "vad.json").unlink()
+    assert corpus_run.main(["--models", str(user_models / "audio")]) == 0
+    out = capsys.readouterr().out  # folded, but onnxruntime cannot run it on random sample rates
+    assert corpus_run.NOT_RUNNABLE in out and "--input-value" in out
+    corpus_run.main(["--models", str(user_models / "audio"), "--input-value", "sr:16000"])
+    assert "1 models: 1 ok" in capsys.readouterr().out
+
+
+def test_user_models_bad_folder_or_sidecar(user_models, capsys):
+    assert corpus_run.main(["--models", str(user_models / "absent")]) == 2
+    assert capsys.readouterr().err.strip().endswith("no such folder")
+    (user_models / "audio" / "vad.json").write_text('{"input_values": ["sr:16000"]}')
+    assert corpus_run.main(["--models", str(user_models / "audio")]) == 2
+    assert "unknown keys ['input_values']" in capsys.readouterr().err

@@ -23,6 +23,11 @@ are run with onnx's reference evaluator instead, and counted apart; for the few 
 can run, only the first three conditions can be checked.
 
     python tools/corpus_run.py [--groups light,simple,...] [--only NAME,...] [--json PATH]
+
+Your own models: ``--models DIR`` runs every ``.onnx`` file under DIR instead, each with the
+``--input-shape``/``--input-value`` it needs from the flags or a ``NAME.json`` sidecar (see --help).
+
+    python tools/corpus_run.py --models ~/models [--input-value sr:16000] [--json rows.json]
 """
 from __future__ import annotations
 
@@ -44,11 +49,13 @@ from onnx import numpy_helper  # noqa: E402
 
 import graphfold  # noqa: E402
 from graphfold.errors import GraphfoldError, UsageError, first_line  # noqa: E402
+from graphfold.inputs import parse_input_shape, parse_input_value  # noqa: E402
 from graphfold.io import load_model  # noqa: E402
 from graphfold.validate import Runner, compare_outputs  # noqa: E402
 
 CORPUS = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
 GROUPS = ("light", "pytorch-converted", "pytorch-operator", "simple")
+USER_GROUP = "user"  # models under --models DIR
 RTOL = 1e-5
 ATOL = 1e-7  # the atol onnx's own backend tests use for these models
 
@@ -60,6 +67,17 @@ REFUSED = "refused"  # a clean one-line UsageError
 FAIL = "FAIL"
 STATUSES = (OK, OK_REFERENCE, NOT_RUNNABLE, REFUSED, FAIL)
 
+
+USER_HELP = """\
+your own models (--models DIR):
+  every .onnx under DIR is folded as 'graphfold IN -o OUT' would and judged like the corpus.
+  --input-shape/--input-value apply to each model that has an input of that name; a sidecar
+  NAME.json beside NAME.onnx gives one model its own, and wins:
+    {"input_shape": ["input:1,3,224,224"], "input_value": ["sr:16000", "state:state.npy"]}
+  (.npy paths relative to the sidecar). Models with test_data_set_*/ beside them are also
+  compared on those inputs; otherwise graphfold's validation is the comparison, and a weak one
+  is flagged in the row's note.
+"""
 
 # Weights beyond this many elements keep their constant fill in the random-weights variant
 # (VGG's fully connected layers would add gigabytes).
@@ -75,6 +93,9 @@ class Case:
     random_weights: bool = False
     # (inputs by graph input name, reference outputs in graph output order), per data set
     datasets: list[tuple[dict[str, Any], list[Any]]] = field(default_factory=list)
+    # What a user gives with --input-shape / --input-value (user models only): specs by input name.
+    input_shapes: dict[str, str] = field(default_factory=dict)
+    input_values: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +129,55 @@ def discover(groups: Sequence[str] = GROUPS, root: str = CORPUS) -> list[Case]:
                 if os.path.exists(path):
                     cases.append(Case(os.path.basename(folder.rstrip(os.sep)), group, path))
     return cases
+
+
+def discover_user(folder: str, shape_specs: Sequence[str] = (), value_specs: Sequence[str] = ()) -> list[Case]:
+    """Every ``.onnx`` under ``folder``, with the --input-shape/--input-value specs that apply to it:
+    the flags', then its sidecar's (``NAME.json``), which win."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"--models {folder}: no such folder")
+    shapes, values = _by_name(shape_specs, "--input-shape"), _by_name(value_specs, "--input-value")
+    cases = []
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.onnx"), recursive=True)):
+        name = os.path.relpath(path, folder)
+        own_shapes, own_values = _sidecar(path)
+        cases.append(Case(name, USER_GROUP, path, input_shapes={**shapes, **own_shapes},
+                          input_values={**values, **own_values}))
+    if not cases:
+        raise UsageError(f"--models {folder}: no .onnx files there")
+    return cases
+
+
+def _by_name(specs: Sequence[str], flag: str) -> dict[str, str]:
+    named = {}
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        if not sep or not name or not rest:
+            raise UsageError(f"bad {flag} {spec!r}: expected NAME:...")
+        named[name] = spec
+    return named
+
+
+def _sidecar(path: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The specs of ``NAME.json`` beside ``NAME.onnx`` (``.npy`` values made relative to it)."""
+    sidecar = os.path.splitext(path)[0] + ".json"
+    if not os.path.exists(sidecar):
+        return {}, {}
+    try:
+        with open(sidecar) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{sidecar}: not readable JSON ({first_line(exc)})") from None
+    unknown = set(data) - {"input_shape", "input_value"} if isinstance(data, dict) else {"(not an object)"}
+    if unknown:
+        raise UsageError(f"{sidecar}: unknown keys {sorted(unknown)}; expected input_shape and input_value lists")
+    values = []
+    for spec in data.get("input_value", []):
+        name, _, value = str(spec).partition(":")
+        if value.endswith(".npy") and not os.path.isabs(value):
+            spec = f"{name}:{os.path.join(os.path.dirname(sidecar), value)}"
+        values.append(spec)
+    return _by_name(data.get("input_shape", []), "input_shape"), _by_name(values, "input_value")
 
 
 def real_alias_count(root: str = CORPUS) -> int:
@@ -280,18 +350,30 @@ def _run_case(case: Case, row: Row) -> None:
         onnx.checker.check_model(original)
     case.datasets = load_datasets(case, original)
     shapes = _input_shapes(original, case.datasets[0][0]) if case.datasets else None
+    try:
+        given_shapes, values = _given(case, original)
+    except UsageError as exc:
+        row.status, row.note = REFUSED, str(exc)
+        return
+    shapes = {**(shapes or {}), **given_shapes} or None
 
     # The default run, validation on random inputs included.
     default_note = ""
     try:
-        folded, report = graphfold.fold(original, input_shapes=shapes)
+        folded, report = graphfold.fold(original, input_shapes=shapes, input_values=values)
     except UsageError as exc:
         # The original cannot run on random inputs (say, strings) or at all: fold unvalidated.
         default_note = f"default run refused: {exc}"
-        folded, report = graphfold.fold(original, input_shapes=shapes, check=False)
+        try:
+            folded, report = graphfold.fold(original, input_shapes=shapes, input_values=values, check=False)
+        except UsageError as again:  # bad --input-shape/--input-value for this model
+            row.status, row.note = REFUSED, str(again)
+            return
     except GraphfoldError as exc:
         row.status, row.note = FAIL, f"default run: {exc}"
         return
+    if report.validation is not None and report.validation.weak:
+        default_note = f"validation weak: {', '.join(report.validation.weak_outputs)}"
     row.nodes_before, row.nodes_after = report.before["nodes"], report.after["nodes"]
     row.rewrites = len(report.rewrites)
 
@@ -303,6 +385,15 @@ def _run_case(case: Case, row: Row) -> None:
     except Exception as exc:
         problems.append(f"folded model fails onnx.checker: {first_line(exc)[:200]}")
 
+    if not case.datasets:
+        # No inputs of its own (a user model): graphfold's validation is the comparison.
+        if report.validation is None:
+            row.status = FAIL if problems else NOT_RUNNABLE
+        else:
+            row.err_original = report.validation.max_rel
+            row.status = FAIL if problems else OK
+        row.note = "; ".join(problems + ([default_note] if default_note else []))
+        return
     runner_type, ok = Runner, OK
     try:
         original_out = _outputs(Runner, original, case.datasets)
@@ -335,6 +426,14 @@ def _run_case(case: Case, row: Row) -> None:
     row.note = "; ".join(problems + ([default_note] if default_note else []))
 
 
+def _given(case: Case, model: onnx.ModelProto) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """The case's --input-shape/--input-value specs for the inputs ``model`` has, parsed."""
+    names = {vi.name for vi in model.graph.input}
+    shapes = dict(parse_input_shape(spec) for name, spec in case.input_shapes.items() if name in names)
+    values = dict(parse_input_value(spec) for name, spec in case.input_values.items() if name in names)
+    return shapes, values
+
+
 def _where(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
@@ -363,6 +462,12 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def summarize(rows: Sequence[Row]) -> str:
     count = {s: sum(1 for r in rows if r.status == s) for s in STATUSES}
+    if rows and all(r.group == USER_GROUP for r in rows):
+        weak = sum(1 for r in rows if "validation weak" in r.note)
+        return (f"{len(rows)} models: {count[OK] + count[OK_REFERENCE]} ok ({weak} of them with weak validation), "
+                f"{count[NOT_RUNNABLE]} folded but not validated (onnxruntime cannot run them; see the notes), "
+                f"{count[REFUSED]} refused with a clean error, {count[FAIL]} failed; "
+                f"{sum(r.rewrites for r in rows)} rewrites in all")
     crashes = sum(1 for r in rows if r.note.startswith("crash"))
     changed = sum(1 for r in rows if r.changed)
     grew = sum(1 for r in rows if r.nodes_after is not None and r.nodes_after > r.nodes_before)
@@ -379,12 +484,26 @@ def summarize(rows: Sequence[Row]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=USER_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"corpus folders (default {','.join(GROUPS)})")
+    parser.add_argument("--models", metavar="DIR", help="run every .onnx under DIR instead of the bundled corpus")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                        help="with --models: a shape for the input NAME of every model that has one (repeatable)")
+    parser.add_argument("--input-value", action="append", default=[], metavar="NAME:VALUE",
+                        help="with --models: a value for the input NAME of every model that has one, as "
+                             "graphfold's --input-value takes it (repeatable)")
     parser.add_argument("--only", help="only models whose name contains one of these (comma-separated)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    cases = discover([g for g in args.groups.split(",") if g])
+    if (args.input_shape or args.input_value) and not args.models:
+        parser.error("--input-shape and --input-value go with --models")
+    try:
+        cases = discover_user(args.models, args.input_shape, args.input_value) if args.models else \
+            discover([g for g in args.groups.split(",") if g])
+    except UsageError as exc:
+        print(f"corpus_run: error: {exc}", file=sys.stderr)
+        return 2
     if args.only:
         wanted = [w for w in args.only.split(",") if w]
         cases = [c for c in cases if any(w in c.name for w in wanted)]
