@@ -14,6 +14,7 @@ from typing import Callable, ClassVar, Iterable, Mapping, Sequence, Union
 
 import onnx_graphsurgeon as gs
 
+from graphfold import fusions
 from graphfold.graph import NameScope, node_label
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,13 @@ class FoldContext:
         # Tensors that an If/Loop/Scan body returns, or that a node in a body alone reads, must
         # survive like graph outputs: no rewrite may fuse this graph's nodes with a body's.
         self.graph_outputs = {t.name for t in self.graph.outputs} | subgraph_reads(self.graph)
+        self._fusions: dict[int, list[fusions.Fusion]] | None = None  # found again when first asked
+
+    def broken_fusion(self, nodes: Iterable[gs.Node]) -> fusions.Fusion | None:
+        """The runtime fusion (``graphfold.fusions``) that rewriting ``nodes`` away would break."""
+        if self._fusions is None:
+            self._fusions = fusions.find_fusions(self.graph, self.graph_outputs, self.static_shape)
+        return fusions.broken_fusion(self._fusions, nodes)
 
     def static_shape(self, tensor: gs.Tensor) -> Shape | None:
         if isinstance(tensor, gs.Constant):
@@ -179,6 +187,11 @@ class Pass:
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         raise NotImplementedError
 
+    def moved_nodes(self, match: Match) -> Sequence[gs.Node]:
+        """The nodes whose work the rewrite moves into other nodes; a runtime fusion they belong
+        to must survive. A pass that deletes work outright (an identity, a zero branch) moves none."""
+        return match.nodes
+
 
 Progress = Callable[[str], None]
 
@@ -203,6 +216,10 @@ def run_pass(ctx: FoldContext, fold_pass: Pass) -> list[Rewrite]:
         except Exception as exc:  # check never mutates, so a failing one is just a decline
             log.debug("%s: check failed", fold_pass.name, exc_info=True)
             decision = Reject(f"could not analyse ({type(exc).__name__}: {exc})")
+        if not isinstance(decision, Reject):
+            fusion = ctx.broken_fusion(fold_pass.moved_nodes(match))
+            if fusion is not None:
+                decision = Reject(fusions.describe(fusion))
         if isinstance(decision, Reject):
             ctx.declines.append(Decline(fold_pass.name, [node_label(ctx.graph, n) for n in match.nodes],
                                        decision.reason))

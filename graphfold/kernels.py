@@ -10,6 +10,8 @@ Identities, and when they are exact:
   BatchNormalization at inference is such a map: s = gamma/sqrt(var+eps), t = beta - mean*s.
 * Scale before a conv: conv(s[c]*x) = conv'(x) with W'[m, c] = W[m, c]*s[c]. Exact, padding
   included, because a scaled zero is still zero.
+* Shift before a conv: conv(x + t[c]) = conv(x) + sum over (c, taps) of W[m, c]*t[c]. Exact only
+  when the conv is unpadded: a padded conv reads zeros, not t, in its border.
 * Composition second(first(x)) is one conv with stride s1*s2, extent E1 + (E2-1)*s1, pads
   p1b + p2b*s1 and p1e + p2e*s1 and bias b2 + sum W2*b1. Those pads give the same output size for
   every input size (floor(floor(a/s1)/s2) = floor(a/(s1*s2))). It is
@@ -42,6 +44,8 @@ __all__ = [
     "affine_after_conv",
     "affine_after_conv_transpose",
     "affine_after_gemm",
+    "affine_before_conv",
+    "affine_before_gemm",
     "bn_scale_shift",
     "border_correction",
     "compose",
@@ -289,6 +293,50 @@ def scale_before_conv(p: ConvParams, scale: np.ndarray | float) -> ConvParams:
     scale = _per_channel(scale, p.in_channels, "scale").reshape(g, 1, c_per_group, *[1] * p.rank)
     weight = _f64(p.weight).reshape(g, p.out_channels // g, c_per_group, *p.kernel_shape) * scale
     return replace(p, weight=weight.reshape(p.weight.shape).astype(p.weight.dtype))
+
+
+def affine_before_conv(p: ConvParams, scale: np.ndarray | float, shift: np.ndarray | float) -> ConvParams:
+    """conv(scale[c]*x + shift[c]) == conv'(x) per input channel c.
+
+    The scale is exact for any padding; the shift only when ``p`` is unpadded (the caller's
+    check): it enters the bias through every tap, and a padded conv's border taps read zero.
+    In a grouped conv, input channel c belongs to group c // (C/g) and is column c % (C/g) of
+    that group's rows. Raises NotMergeable when the result overflows the weight dtype.
+    """
+    g, c_per_group = p.group, p.weight.shape[1]
+    scale = _per_channel(scale, p.in_channels, "scale").reshape(g, 1, c_per_group, *[1] * p.rank)
+    shift = _per_channel(shift, p.in_channels, "shift")
+    weight = _f64(p.weight).reshape(g, p.out_channels // g, c_per_group, *p.kernel_shape) * scale
+    bias = _bias_through(p, shift)  # the shift meets the original weights, before the scale
+    dtype = p.weight.dtype
+    return replace(p, weight=narrow(weight.reshape(p.weight.shape), dtype), bias=narrow(bias, dtype))
+
+
+def affine_before_gemm(
+    b_matrix: np.ndarray,
+    bias: np.ndarray | None,
+    scale: np.ndarray | float,
+    shift: np.ndarray | float,
+    trans_b: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scale[k]*x + shift[k]) @ B + bias == x @ B' + bias' over the K input features. Exact.
+
+    B is [K, N] ([N, K] when ``trans_b``); Gemm's alpha/beta are the caller's to fold first. bias'
+    is None only when there was no bias and the shift is zero. Raises NotMergeable on overflow.
+    """
+    b_matrix = np.asarray(b_matrix)
+    if b_matrix.ndim != 2:
+        raise ValueError(f"B must be 2-D, got shape {b_matrix.shape}")
+    matrix = _f64(b_matrix).T if trans_b else _f64(b_matrix)  # [K, N]
+    scale, shift = _per_channel(scale, matrix.shape[0], "scale"), _per_channel(shift, matrix.shape[0], "shift")
+    folded = matrix * scale[:, None]
+    dtype = b_matrix.dtype
+    new_matrix = narrow(folded.T if trans_b else folded, dtype)
+    if bias is None and not np.any(shift):
+        return new_matrix, None
+    through = shift @ matrix  # [N]
+    new_bias = through if bias is None else _f64(bias) + through
+    return new_matrix, narrow(np.asarray(new_bias), dtype)
 
 
 def expand_groups(weight: np.ndarray, group: int) -> np.ndarray:

@@ -11,16 +11,18 @@ from graphfold.passes.branches import DropZeroBranches, MergeParallelBranches
 from graphfold.passes.cleanup import FoldConstants, RemoveDeadNodes, RemoveIdentity
 from graphfold.passes.constant_maps import SinkConstantAdds
 from graphfold.passes.conv_chain import MergeConvChains
+from graphfold.passes.forward_affine import FoldAffineForward
 from graphfold.passes.matmul_chain import MergeMatMulChains
 
-# Clean-up first so the folds see plain Conv -> op chains; affine maps fold into their
-# convs before branches are summed and chains composed. Every pass here is exact.
+# Clean-up first so the folds see plain Conv -> op chains; affine maps fold into the conv
+# before them, else into the convs after them, before branches are summed and chains composed. Every pass here is exact.
 DEFAULT_PIPELINE: tuple[type[Pass], ...] = (
     FoldConstants,
     RemoveIdentity,
     RemoveDeadNodes,
     FoldBatchNorm,
     FoldChannelAffine,
+    FoldAffineForward,
     RemoveIdentityActivations,
     DropZeroBranches,
     MergeParallelBranches,

@@ -186,3 +186,6 @@ class RemoveIdentityActivations(Pass):
         bypass(node, node.inputs[match.data["x"]], node.outputs[0], ctx.graph_outputs)
         return Change([node], [], f"removed identity {node.op} {node.name!r}")
 
+    def moved_nodes(self, match: Match) -> tuple:
+        return ()  # an identity removed leaves nothing for the runtime to fuse
+

@@ -204,6 +204,9 @@ class DropResidualBranch(Pass):
         self.stats = stats
         self.epsilon = epsilon
 
+    def moved_nodes(self, match: Match) -> tuple:
+        return ()  # the branch's work is dropped, not moved
+
     def match(self, ctx: FoldContext):
         for residual in find_residuals(ctx.graph):
             # Statistics are keyed by the tensors as measured; earlier rewrites may rename them.
@@ -249,6 +252,9 @@ class SnapActivations(Pass):
     def __init__(self, stats: Stats, snap_slope: float) -> None:
         self.stats = stats
         self.snap_slope = snap_slope
+
+    def moved_nodes(self, match: Match) -> tuple:
+        return ()  # a removed activation leaves nothing to fuse
 
     def match(self, ctx: FoldContext):
         for node in ctx.graph.nodes:

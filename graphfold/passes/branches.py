@@ -228,6 +228,9 @@ class DropZeroBranches(Pass):
     name = "drop-zero-branch"
     summary = "drop residual branches whose last layer has all-zero weights and bias"
 
+    def moved_nodes(self, match: Match) -> tuple:
+        return ()  # the branch's work is dropped, not moved
+
     def match(self, ctx: FoldContext):
         for node in ctx.graph.nodes:
             if node.op in SUM_OPS and len(node.inputs) >= 2 and len(node.outputs) == 1:

@@ -1,0 +1,221 @@
+"""Fold a per-channel scale or shift into the layers that read it (exact).
+
+``conv(s[c]*x + t[c]) = conv'(x)``: the scale goes into the conv's input-channel weights, exact
+for any padding (a scaled zero is still zero); the shift goes into its bias (``b += sum over taps
+of W*t``), exact only when the conv is unpadded, because a padded conv reads zeros, not ``t``, at
+its border. Likewise ``(s*x + t) @ B = x @ (diag(s) B) + t @ B`` for Gemm and MatMul readers (a
+shift turns a rank-2 MatMul into a Gemm). The map is a Mul or Div by a constant, or an Add or Sub
+of one, that varies only along the readers' input channels.
+
+This is the other direction of ``fold-affine``, for maps whose producer cannot take them: a
+hand-built HardSwish ``x * Relu6(x + 3) / 6`` ends in a Div before a conv, PP-LCNetV3 puts a
+learnable scale and shift (Mul, Add) before its 1x1 convs. Every reader of the tensor takes the
+map, or none does. A shift into a padded conv would need a constant border map after it (an Add
+onnxruntime cannot fuse into the conv), which costs more than the Add it replaces: declined.
+GELU's final ``* 0.5`` stays where it is (the engine's runtime-fusion table says why).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphfold import kernels
+from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
+from graphfold.graph import conv_params, detach, float_const, make_const
+from graphfold.passes.affine import per_channel
+
+AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
+READER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class Folded:
+    """A reader rebuilt with the map inside it."""
+
+    op: str
+    attrs: dict
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+
+def affine_of(op: str, value: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift), in ``value``'s broadcast shape, of ``op`` with the variable at input ``side``."""
+    ones, zeros = np.ones_like(value), np.zeros_like(value)
+    if op == "Mul":
+        return value, zeros
+    if op == "Div":
+        return 1.0 / value, zeros
+    if op == "Add":
+        return ones, value
+    return (ones, -value) if side == 0 else (-ones, value)  # x - c, or c - x
+
+
+def keeps_shape(x_shape: tuple | None, value: np.ndarray) -> bool:
+    """True when broadcasting ``value`` against a tensor of ``x_shape`` cannot change its shape."""
+    if value.ndim == 0:
+        return True
+    if x_shape is None or value.ndim > len(x_shape):
+        return False
+    padded = (1,) * (len(x_shape) - value.ndim) + value.shape
+    return all(v == 1 or v == s for v, s in zip(padded, x_shape))
+
+
+def _layout(ctx: FoldContext, reader: gs.Node, weight: np.ndarray, x: gs.Tensor) -> tuple[int, int, int] | str:
+    """(rank, channel axis, channel count) of the reader's data input, or why it is unknown."""
+    if reader.op == "Conv":
+        return weight.ndim, 1, weight.shape[1] * int(reader.attrs.get("group", 1))
+    if reader.op == "Gemm":
+        channels = weight.shape[1] if reader.attrs.get("transB", 0) else weight.shape[0]
+        return 2, 0 if reader.attrs.get("transA", 0) else 1, channels
+    shape = ctx.static_shape(x)
+    if shape is None:
+        return f"the rank of MatMul {reader.name!r}'s input is unknown"
+    return len(shape), len(shape) - 1, weight.shape[0]
+
+
+def _weight_reason(reader: gs.Node, y: gs.Tensor) -> str | None:
+    if not reader.inputs or reader.inputs[0] is not y or any(t is y for t in reader.inputs[1:]):
+        return f"{reader.op} {reader.name!r} reads {y.name!r} as a weight, not as its data input"
+    weight = float_const(reader.inputs[1]) if len(reader.inputs) > 1 else None
+    if weight is None:
+        return f"{reader.op} {reader.name!r} weight is not a float constant"
+    if reader.op in ("Gemm", "MatMul") and weight.ndim != 2:
+        return f"{reader.op} {reader.name!r} weight is not a 2-D matrix"
+    if len(reader.inputs) > 2 and reader.inputs[2].name and float_const(reader.inputs[2]) is None:
+        return f"{reader.op} {reader.name!r} bias is not a float constant"
+    return None
+
+
+def fold_into_reader(ctx: FoldContext, reader: gs.Node, x: gs.Tensor, scale: np.ndarray,
+                     shift: np.ndarray) -> Folded | str:
+    """``reader`` rebuilt to read ``x`` instead of ``scale*x + shift``, or why it cannot be."""
+    reason = _weight_reason(reader, reader.inputs[0])
+    if reason:
+        return reason
+    weight = float_const(reader.inputs[1])
+    layout = _layout(ctx, reader, weight, x)
+    if isinstance(layout, str):
+        return layout
+    if scale.dtype != weight.dtype:
+        return f"constant is {scale.dtype}, {reader.op} {reader.name!r} weight is {weight.dtype}"
+    x_shape = ctx.static_shape(x)
+    vectors = [per_channel(v.astype(np.float64), *layout) for v in (scale, shift)]
+    if not all(keeps_shape(x_shape, v) for v in (scale, shift)) or any(v is None for v in vectors):
+        return (f"constant of shape {list(scale.shape)} is not a per-channel vector over "
+                f"{reader.op} {reader.name!r}'s {layout[2]} input channels")
+    scale_vec, shift_vec = vectors
+    if not (np.all(np.isfinite(scale_vec)) and np.all(np.isfinite(shift_vec))):
+        return "the map is not finite (a division by zero, or inf/NaN)"
+    try:
+        if reader.op == "Conv":
+            return _fold_conv(ctx, reader, x, scale_vec, shift_vec)
+        return _fold_matrix(reader, layout[0], weight, scale_vec, shift_vec)
+    except kernels.NotMergeable as exc:
+        return f"{reader.op} {reader.name!r}: {exc}"
+
+
+def _fold_conv(ctx: FoldContext, reader: gs.Node, x: gs.Tensor, scale: np.ndarray,
+               shift: np.ndarray) -> Folded | str:
+    params = conv_params(reader, ctx.static_spatial(x))
+    has_shift = bool(np.any(shift))
+    if params is None:
+        if has_shift:
+            return f"Conv {reader.name!r} pads automatically and the input size is unknown"
+        # A scale alone needs no pads: give the weights with any geometry.
+        bias = float_const(reader.inputs[2]) if len(reader.inputs) > 2 and reader.inputs[2].name else None
+        params = kernels.ConvParams.create(float_const(reader.inputs[1]), bias,
+                                           group=int(reader.attrs.get("group", 1)))
+    if has_shift and any(params.pads):
+        return (f"Conv {reader.name!r} is padded: a shift would leak into its zero border; folding it "
+                "needs a constant border map after the conv, an Add that costs more than it saves")
+    folded = kernels.affine_before_conv(params, scale, shift)
+    has_bias = len(reader.inputs) > 2 and reader.inputs[2].name
+    bias = folded.bias if has_bias or np.any(folded.bias) else None
+    return Folded("Conv", dict(reader.attrs), folded.weight, bias)
+
+
+def _fold_matrix(reader: gs.Node, rank: int, weight: np.ndarray, scale: np.ndarray,
+                 shift: np.ndarray) -> Folded | str:
+    attrs = dict(reader.attrs)
+    bias = float_const(reader.inputs[2]) if len(reader.inputs) > 2 and reader.inputs[2].name else None
+    if reader.op == "MatMul" and np.any(shift) and rank != 2:
+        return f"a shift before MatMul {reader.name!r} of rank {rank} has no bias to go into"
+    if reader.op == "Gemm":
+        # alpha and beta folded into B and C, so the kernel sees a plain x @ B + C.
+        weight = weight * np.asarray(attrs.get("alpha", 1.0), weight.dtype)
+        bias = None if bias is None else bias * np.asarray(attrs.get("beta", 1.0), bias.dtype)
+        attrs.update(alpha=1.0, beta=1.0)
+    new_weight, new_bias = kernels.affine_before_gemm(weight, bias, scale, shift,
+                                                      bool(attrs.get("transB", 0)))
+    op = "Gemm" if reader.op == "Gemm" or new_bias is not None else "MatMul"
+    return Folded(op, attrs if reader.op == "Gemm" else {}, new_weight, new_bias)
+
+
+class FoldAffineForward(Pass):
+    name = "fold-affine-forward"
+    summary = "fold Mul/Div/Add/Sub by a per-channel constant into the Conv/Gemm/MatMul layers reading it"
+
+    def match(self, ctx: FoldContext):
+        for node in ctx.graph.nodes:
+            if node.op not in AFFINE_OPS or len(node.inputs) != 2 or len(node.outputs) != 1:
+                continue
+            constant = [float_const(t) is not None for t in node.inputs]
+            if constant.count(True) != 1:
+                continue
+            side = constant.index(False)
+            if node.op == "Div" and side == 1:
+                continue  # c / x is not affine in x
+            readers = node.outputs[0].outputs
+            # Only maps some layer reads are candidates, so ``inspect`` lists declines worth reading.
+            if any(reader.op in READER_OPS for reader in readers):
+                yield Match((node, *readers), {"side": side})
+
+    def moved_nodes(self, match: Match) -> tuple:
+        return (match.anchor,)  # the readers are rebuilt as the same layers, writing the same tensors
+
+    def _plans(self, ctx: FoldContext, match: Match) -> list[Folded] | str:
+        node, side = match.anchor, match.data["side"]
+        y, x = node.outputs[0], node.inputs[side]
+        if y.name in ctx.graph_outputs:
+            return f"{y.name!r} is a graph output or read by a subgraph"
+        readers = list(y.outputs)
+        for reader in readers:
+            if reader.op not in READER_OPS:
+                return (f"{y.name!r} is also read by {reader.op} {reader.name!r}, which cannot take the map "
+                        "(every reader takes it, or none)")
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            scale, shift = affine_of(node.op, float_const(node.inputs[1 - side]), side)
+        plans = []
+        for reader in readers:
+            plan = fold_into_reader(ctx, reader, x, scale, shift)
+            if isinstance(plan, str):
+                return plan
+            plans.append(plan)
+        return plans
+
+    def check(self, ctx: FoldContext, match: Match) -> Decision:
+        plans = self._plans(ctx, match)
+        return Reject(plans) if isinstance(plans, str) else Exact()
+
+    def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
+        node, side = match.anchor, match.data["side"]
+        x, y = node.inputs[side], node.outputs[0]
+        readers = list(y.outputs)
+        plans = self._plans(ctx, match)
+        added = []
+        for reader, plan in zip(readers, plans):
+            inputs = [x, make_const(ctx.scope, f"{reader.name}.weight", plan.weight)]
+            if plan.bias is not None:
+                inputs.append(make_const(ctx.scope, f"{reader.name}.bias", plan.bias))
+            outputs = list(reader.outputs)
+            detach([reader])
+            # The rebuilt layer replaces ``reader`` one for one, so it keeps its name.
+            new = gs.Node(plan.op, reader.name or ctx.scope.make(plan.op), attrs=plan.attrs,
+                          inputs=inputs, outputs=outputs)
+            ctx.graph.nodes.append(new)
+            added.append(new)
+        detach([node])
+        names = ", ".join(repr(r.name) for r in readers)
+        return Change([node, *readers], added, f"folded {node.op} {node.name!r} forward into {names}")
