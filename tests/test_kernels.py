@@ -588,3 +588,51 @@ def test_conv_params_defaults_and_properties():
 def test_conv_params_validates(kwargs):
     with pytest.raises(ValueError):
         K.ConvParams.create(np.zeros((6, 2, 3, 3)), **kwargs)
+
+
+@SETTINGS
+@given(rank=st.integers(1, 3), groups=st.sampled_from([1, 2, 6]), kernel=st.integers(1, 3),
+       stride=st.integers(1, 2), dilation=st.integers(1, 2), pad=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_affine_before_conv_matches_torch(rank, groups, kernel, stride, dilation, pad, seed):
+    """conv(s*x + t) == conv'(x): the scale for any padding, the shift on an unpadded conv; a
+    grouped or depthwise conv scales input channel c in group c // (C/g)."""
+    rng = np.random.default_rng(seed)
+    p = make_conv(rng, 6, 6 if groups == 6 else 4, groups, (kernel,) * rank, (stride,) * rank,
+                  (dilation,) * rank, (pad,) * (2 * rank))
+    x = rng.standard_normal((2, 6, *(7,) * rank))
+    scale = rng.uniform(-2, 2, 6)
+    shift = rng.standard_normal(6) if pad == 0 else np.zeros(6)
+    shaped = (1, 6) + (1,) * rank
+    expected = torch_conv(x * scale.reshape(shaped) + shift.reshape(shaped), p)
+    assert_close(torch_conv(x, K.affine_before_conv(p, scale, shift)), expected)
+
+
+def test_affine_before_conv_shift_leaks_into_a_padded_border():
+    """Why the pass declines a shift into a padded conv: only the border differs."""
+    rng = np.random.default_rng(0)
+    p = make_conv(rng, 3, 4, 1, (3, 3), pads=(1, 1, 1, 1))
+    x, shift = rng.standard_normal((1, 3, 6, 6)), rng.standard_normal(3)
+    diff = torch_conv(x + shift.reshape(1, 3, 1, 1), p) - torch_conv(x, K.affine_before_conv(p, 1.0, shift))
+    assert np.abs(diff[..., 1:-1, 1:-1]).max() < 1e-10
+    assert np.abs(diff[..., 0, :]).max() > 1e-3
+
+
+def test_affine_before_conv_declines_float16_overflow():
+    p = K.ConvParams.create(np.full((2, 2, 1, 1), 1000.0, np.float16), np.zeros(2, np.float16))
+    with pytest.raises(K.NotMergeable, match="overflow float16"):
+        K.affine_before_conv(p, np.array([100.0, 1.0]), 0.0)
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_affine_before_gemm(trans_b, with_bias):
+    rng = np.random.default_rng(3)
+    b_matrix = rng.standard_normal((5, 4))  # [K, N]
+    bias = rng.standard_normal(4) if with_bias else None
+    scale, shift, x = rng.uniform(-2, 2, 5), rng.standard_normal(5), rng.standard_normal((3, 5))
+    new_b, new_bias = K.affine_before_gemm(b_matrix.T if trans_b else b_matrix, bias, scale, shift, trans_b)
+    matrix = new_b.T if trans_b else new_b
+    expected = (x * scale + shift) @ b_matrix + (0 if bias is None else bias)
+    assert_close(x @ matrix + new_bias, expected)
+    # A scale alone into a bias-free matrix needs no bias.
+    assert K.affine_before_gemm(b_matrix, None, scale, 0.0, False)[1] is None

@@ -90,10 +90,8 @@ def _weight_reason(reader: gs.Node, y: gs.Tensor) -> str | None:
 
 def fold_into_reader(ctx: FoldContext, reader: gs.Node, x: gs.Tensor, scale: np.ndarray,
                      shift: np.ndarray) -> Folded | str:
-    """``reader`` rebuilt to read ``x`` instead of ``scale*x + shift``, or why it cannot be."""
-    reason = _weight_reason(reader, reader.inputs[0])
-    if reason:
-        return reason
+    """``reader`` rebuilt to read ``x`` instead of ``scale*x + shift``, or why it cannot be
+    (``_weight_reason`` first)."""
     weight = float_const(reader.inputs[1])
     layout = _layout(ctx, reader, weight, x)
     if isinstance(layout, str):
@@ -185,6 +183,9 @@ class FoldAffineForward(Pass):
             if reader.op not in READER_OPS:
                 return (f"{y.name!r} is also read by {reader.op} {reader.name!r}, which cannot take the map "
                         "(every reader takes it, or none)")
+            reason = _weight_reason(reader, y)
+            if reason:
+                return reason
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             scale, shift = affine_of(node.op, float_const(node.inputs[1 - side]), side)
         plans = []
