@@ -21,6 +21,7 @@ from graphfold.inputs import (ShapeMap, check_input_shapes, dynamic_inputs, fit_
 from graphfold.io import load_model
 from graphfold.passes import build_pipeline
 from graphfold.passes.cleanup import quiet_graphsurgeon
+from graphfold.refit import RefitOptions
 from graphfold.report import Report
 from graphfold.shapes import infer_concrete, infer_static
 from graphfold.stats import model_stats
@@ -45,7 +46,8 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
          epsilon: float | None = None, drop_branches: int = 0, target_depth: int | None = None,
          allow_border: bool = False, approx_options: ApproxOptions | None = None,
          freeze_initializer_inputs: bool = False,
-         input_values: Mapping[str, object] | None = None) -> tuple[onnx.ModelProto, Report]:
+         input_values: Mapping[str, object] | None = None,
+         refit: RefitOptions | bool = False) -> tuple[onnx.ModelProto, Report]:
     """Fold ``model`` and, unless ``check`` is False, validate the result against it.
 
     Returns the optimized model and its ``Report``. Raises ``ValidationError`` (carrying the
@@ -62,6 +64,10 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     Initializers that are also graph inputs may be fed at run time, so they are not folded;
     ``freeze_initializer_inputs`` takes them as the constants they are in most exports and
     drops them from the inputs (validation still runs the original with their defaults).
+
+    ``refit`` (True, or ``RefitOptions`` with budgets) removes nonlinear depth with least-squares
+    compensation (see :mod:`graphfold.refit`); it needs real ``calibration`` data, and the result
+    is validated on the held-out part of it instead of random inputs.
 
     ``input_values`` gives inputs that random data would not fit (a sample rate, a state) fixed
     values: arrays or numbers by input name, fed by validation and to calibration data that lacks
@@ -80,7 +86,11 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     report = Report(before=model_stats(original, concrete), after={},
                     input_shapes=_safe_resolve(original, input_shapes))
     data = None  # calibration data, when the approximate stage ran
-    if options.requested or options.tolerance > 0 or calibration is not None or labels is not None:
+    if refit:
+        refit_options = refit if isinstance(refit, RefitOptions) else RefitOptions()
+        folded, data = _fold_refit(source, report, options, refit_options, calibration, labels, passes, skip_passes,
+                                   fold_all, input_shapes, progress, values)
+    elif options.requested or options.tolerance > 0 or calibration is not None or labels is not None:
         folded, data = _fold_approximate(source, report, options, calibration, labels, passes, skip_passes,
                                          fold_all, input_shapes, progress, values)
     else:
@@ -151,6 +161,40 @@ def _fold_approximate(original: onnx.ModelProto, report: Report, options: Approx
         report.validation = outcome.validation
         report.notes.append(f"validated on the {data.samples} calibration samples at --tolerance "
                             f"{options.tolerance:g}, not on random inputs: the result is approximate")
+    return outcome.model, data
+
+
+def _fold_refit(original: onnx.ModelProto, report: Report, options: ApproxOptions, refit: RefitOptions,
+                calibration: CalibrationSource, labels, passes, skip_passes, fold_all: bool,
+                input_shapes: ShapeMap | None, progress, values: Mapping[str, np.ndarray]):
+    """The exact pipeline, then the refit stage on its result, validated on the holdout.
+    Returns the model and the calibration data."""
+    refit.check()
+    if calibration is None:
+        raise UsageError("--refit needs --calibration FILE.npz: it fits weights to real inputs, and random "
+                         "inputs would fit the network to noise")
+    if options.requested:
+        raise UsageError("--refit does not combine with --snap-slope, --epsilon, --drop-branches or "
+                         "--allow-border; run them separately")
+    from graphfold.refit.stage import RefitStage  # heavy: only when asked for
+
+    data = load_calibration(calibration, original, labels=labels, input_shapes=input_shapes, input_values=values)
+    report.calibration = data.info()
+
+    def exact(model: onnx.ModelProto):
+        return _fold_exact(model, build_pipeline(passes, skip_passes), fold_all, input_shapes, None)
+
+    base, base_rewrites, _ = exact(original)
+    stage = RefitStage(original, base, data, refit, exact, tolerance=options.tolerance,
+                       target_depth=options.target_depth, input_shapes=input_shapes, progress=progress)
+    outcome = stage.run()
+    report.rewrites, report.declines = base_rewrites + outcome.rewrites, outcome.declines
+    report.refit, report.accuracy, report.validation = outcome.info, outcome.accuracy, outcome.validation
+    report.notes.extend(data.notes)
+    if not outcome.validation.passed:
+        error = ValidationError(outcome.validation.summary())
+        error.report = report
+        raise error
     return outcome.model, data
 
 

@@ -119,11 +119,13 @@ def load_calibration(source: CalibrationSource, model: onnx.ModelProto, *,
         listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise UsageError(f"{what}: inputs have different sample counts ({listed})")
     given = _given_values([vi for vi in inputs if vi.name not in arrays], values, input_shapes, checked)
+    if label_values is not None:
+        label_values = _checked_labels(what, label_values, next(iter(checked.values())).shape[0], notes)
     size, fixed = _batch_size(inputs, batch_size)
     if fixed:
         checked = _whole_batches(what, checked, size, notes)
-    if label_values is not None:
-        label_values = _checked_labels(what, label_values, next(iter(checked.values())).shape[0], notes)
+        if label_values is not None:
+            label_values = label_values[:next(iter(checked.values())).shape[0]]
     return Calibration(checked, label_values, what, size, notes, given)
 
 
@@ -253,14 +255,15 @@ def _checked_labels(what: str, labels: np.ndarray, samples: int, notes: list[str
         labels = labels[:, 0]
     if labels.ndim != 1:
         raise UsageError(f"{what}: labels must be one class per sample, shape [samples], got {list(labels.shape)}")
-    if labels.shape[0] < samples:
-        raise UsageError(f"{what}: {labels.shape[0]} labels for {samples} samples")
+    if labels.shape[0] != samples:
+        raise UsageError(f"{what}: {labels.shape[0]} labels for {samples} samples: one label per sample, "
+                         "in the same order")
     if np.issubdtype(labels.dtype, np.floating):
         if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
             raise UsageError(f"{what}: labels must be integer classes")
     elif not np.issubdtype(labels.dtype, np.integer):
         raise UsageError(f"{what}: labels must be integer classes, got {labels.dtype.name}")
-    return labels[:samples].astype(np.int64)
+    return labels.astype(np.int64)
 
 
 def _random(model: onnx.ModelProto, input_shapes: ShapeMap | None, batch_size: int | None,

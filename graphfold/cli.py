@@ -121,10 +121,40 @@ def _approximate(parser: argparse.ArgumentParser) -> None:
                             "where the measured error allows (with the cost model's consent, or --fold-all)")
 
 
+def _refit(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "learned folding (--refit)",
+        "Replace whole blocks (residual units, inverted residuals, conv-act-conv pairs) by one conv, or erase "
+        "residual branches, with weights refit by least squares on --calibration data so the network still "
+        "computes what the original did. A held-out share of that data decides and validates; accuracy "
+        "and agreement are reported on both parts. Approximate: measure on data the run never saw.")
+    group.add_argument("--refit", action="store_true",
+                       help="turn learned folding on (needs --calibration with real inputs)")
+    group.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                       help="top-1 accuracy on the holdout may fall by at most this many points (needs --labels); "
+                            "also bounds the share of changed classes unless --min-agreement says otherwise")
+    group.add_argument("--min-agreement", type=float, metavar="F",
+                       help="share of holdout samples whose top-1 class must match the original's "
+                            "(default 1 - POINTS/100, or 0.99 without --max-accuracy-drop)")
+    group.add_argument("--target-latency", type=float, metavar="R",
+                       help="stop once the cost model estimates R x the original's cost")
+    group.add_argument("--holdout", type=float, default=0.25, metavar="F",
+                       help="share of calibration samples never fitted on, used for the decisions and the "
+                            "final validation (default 0.25; at least 32 samples)")
+
+
 def _approximate_kwargs(args: argparse.Namespace) -> dict:
-    return {"calibration": args.calibration, "labels": args.labels, "tolerance": args.tolerance,
-            "snap_slope": args.snap_slope, "epsilon": args.epsilon, "drop_branches": args.drop_branches,
-            "target_depth": args.target_depth, "allow_border": args.allow_border}
+    kwargs = {"calibration": args.calibration, "labels": args.labels, "tolerance": args.tolerance,
+              "snap_slope": args.snap_slope, "epsilon": args.epsilon, "drop_branches": args.drop_branches,
+              "target_depth": args.target_depth, "allow_border": args.allow_border}
+    if args.refit:
+        from graphfold.refit import RefitOptions
+
+        kwargs["refit"] = RefitOptions(args.max_accuracy_drop, args.min_agreement, args.target_latency, args.holdout)
+    elif args.max_accuracy_drop is not None or args.min_agreement is not None or args.target_latency is not None:
+        raise UsageError("--max-accuracy-drop, --min-agreement and --target-latency budget a --refit run: "
+                         "add --refit")
+    return kwargs
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -146,6 +176,7 @@ def main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"graphfold {__version__}")
     _pass_selection(parser)
     _approximate(parser)
+    _refit(parser)
     _common(parser)
     return parser
 
@@ -256,6 +287,7 @@ def run_inspect(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     _pass_selection(parser)
     _approximate(parser)
+    _refit(parser)
     _common(parser)
     args = parser.parse_args(argv)
     console = Console(args.quiet)

@@ -25,6 +25,7 @@ class Report:
     calibration: dict | None = None  # the data approximations were measured on (Calibration.info())
     approximate: dict | None = None  # tolerance, measured errors, rollbacks (graphfold.approx)
     accuracy: dict | None = None  # top-1 before/after on labelled calibration data
+    refit: dict | None = None  # --refit: budgets, holdout metrics, every candidate (graphfold.refit)
 
     def counts(self) -> Counter:
         """Rewrites per pass name (constant folding counts the nodes it folded)."""
@@ -46,6 +47,7 @@ class Report:
             "calibration": self.calibration,
             "approximate": self.approximate,
             "accuracy": self.accuracy,
+            "refit": self.refit,
         }
 
     def to_json(self) -> str:
