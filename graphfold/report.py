@@ -10,6 +10,7 @@ from graphfold.validate import ValidationResult
 
 MAX_LISTED = 12
 NAMES_SHOWN = 3  # node names a grouped decline line shows before "..."
+REFIT_PASSES = ("refit-linearize", "refit-erase")  # graphfold.refit.stage, not imported: it is heavy
 STAT_ROWS = (("nodes", "nodes"), ("convs", "convs"), ("depth", "depth"), ("params", "params"), ("macs", "MACs"))
 
 
@@ -92,6 +93,8 @@ class Report:
         else:
             lines.append("rewrites: none")
         approximate = set((self.approximate or {}).get("passes", ()))
+        if self.refit is not None:
+            approximate |= set(REFIT_PASSES)
         exact_passes = {d.pass_name for d in self.declines} - approximate
         declined = self.decline_lines(exact_passes, limit=8)
         if declined:
@@ -99,7 +102,9 @@ class Report:
             lines.extend(declined)
         if self.approximate is not None and self.approximate.get("requested"):
             lines.extend(self._approximate_lines(approximate))
-        if self.accuracy is not None and self.accuracy.get("before") is not None:
+        if self.refit is not None:
+            lines.extend(self._refit_lines())
+        elif self.accuracy is not None and self.accuracy.get("before") is not None:
             after = self.accuracy.get("after")
             lines.append(f"top-1 accuracy on {self.accuracy['samples']} labelled calibration samples: "
                          f"{self.accuracy['before']:.2%} -> {'?' if after is None else format(after, '.2%')}")
@@ -107,6 +112,32 @@ class Report:
             lines.append(self.validation.summary())
         lines.extend(self.notes)
         return "\n".join(lines)
+
+    def _refit_lines(self) -> list[str]:
+        """One line per accepted refit rewrite, the reasons candidates were rejected, the measured outcome."""
+        info = self.refit
+        lines = [f"learned folding (--refit; fitted on {info['fit_samples']} calibration samples, decided on "
+                 f"{info['holdout_samples']} held out):"]
+        kept = [r for r in self.rewrites if r.pass_name in REFIT_PASSES]
+        lines.extend(f"  {r.pass_name:16} {r.detail}" for r in kept)
+        if not kept:
+            lines.append("  none kept")
+        rejected = Counter(c["reason"].split(" (")[0] if "cost model" in c["reason"] else c["reason"]
+                           for c in info["candidates"] if c["status"] != "accepted")
+        if rejected:
+            lines.append(f"  rejected {sum(rejected.values())} candidates; most common reasons:")
+            lines.extend(f"    {count} x {reason}" for reason, count in rejected.most_common(3))
+        for part in ("holdout", "fit"):
+            before, after = info["before"][part], info["after"][part]
+            text = f"  {part:8} agreement with the original {_share(after['agreement'])}, logit error " \
+                   f"{after['rel_error']:.3f}"
+            if before.get("accuracy") is not None:
+                text += f", top-1 accuracy {_share(before['accuracy'])} -> {_share(after['accuracy'])}"
+            lines.append(text)
+        lines.append(f"  estimated cost x{info['estimated_cost_ratio']:.2f} of the exact fold; "
+                     f"{info['fit_seconds']:.1f} s fitting, {info['seconds']:.1f} s in all")
+        lines.extend(f"  {note}" for note in info.get("notes", []))
+        return lines
 
     def _approximate_lines(self, passes: set[str]) -> list[str]:
         """Per approximate rewrite the error it added, the total, and every approximate decline."""
@@ -134,6 +165,10 @@ class Report:
             if len(declined) > MAX_LISTED:
                 lines.append(f"    ... {len(declined) - MAX_LISTED} more; see --report or graphfold inspect")
         return lines
+
+
+def _share(value) -> str:
+    return "?" if value is None else f"{value:.2%}"
 
 
 def _human(value) -> str:

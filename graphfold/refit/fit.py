@@ -51,7 +51,7 @@ class ConvFit:
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int], strides: Sequence[int] = (1, 1),
                  pads: Sequence[int] = (0, 0, 0, 0), group: int = 1, ridge: float = DEFAULT_RIDGE,
-                 max_rows: int | None = None, seed: int = 0) -> None:
+                 max_rows: int | None = None, seed: int = 0, gram: np.ndarray | None = None) -> None:
         if in_channels % group or out_channels % group:
             raise ValueError(f"channels {in_channels} -> {out_channels} do not split into {group} groups")
         self.in_channels, self.out_channels, self.group = in_channels, out_channels, group
@@ -60,7 +60,10 @@ class ConvFit:
         self.rng = np.random.default_rng(seed)
         features = in_channels // group * int(np.prod(self.kernel)) + 1
         outs = out_channels // group
-        self.gram = np.zeros((group, features, features))
+        # A fit of the same input and geometry (another region from the same tensor) has the same
+        # X^T X: given, only X^T Y is summed.
+        self.shared_gram = gram is not None
+        self.gram = gram if gram is not None else np.zeros((group, features, features))
         self.cross = np.zeros((group, features, outs))
         self.y_sum = np.zeros((group, outs))
         self.y_squares = np.zeros((group, outs))
@@ -81,11 +84,13 @@ class ConvFit:
         targets = targets.astype(np.float64).reshape(count, g, -1)
         if g == 1:
             design = np.concatenate([patches[:, 0], ones], axis=1)
-            self.gram[0] += design.T @ design
+            if not self.shared_gram:
+                self.gram[0] += design.T @ design
             self.cross[0] += design.T @ targets[:, 0]
         else:
             design = np.concatenate([patches, np.broadcast_to(ones[:, None], (count, g, 1))], axis=2)
-            self.gram += np.einsum("pgf,pgh->gfh", design, design, optimize=True)
+            if not self.shared_gram:
+                self.gram += np.einsum("pgf,pgh->gfh", design, design, optimize=True)
             self.cross += np.einsum("pgf,pgo->gfo", design, targets, optimize=True)
         self.y_sum += targets.sum(axis=0)
         self.y_squares += (targets * targets).sum(axis=0)
@@ -99,8 +104,7 @@ class ConvFit:
         scale = self.ridge * float(diag.mean()) if diag.size else 0.0
         penalty = np.eye(features + 1)
         penalty[features, features] = 0.0  # the bias is not regularized
-        solutions = np.stack([_solve(gram + max(scale, 1e-300) * penalty, cross)
-                              for gram, cross in zip(self.gram, self.cross)])  # [g, features + 1, outs]
+        solutions = _solve(self.gram + max(scale, 1e-300) * penalty, self.cross)  # [g, features + 1, outs]
         # ||X1 w - y||^2 = w^T G w - 2 w^T X^T y + y^T y, summed over groups and outputs.
         fitted = np.einsum("gfo,gfh,gho->", solutions, self.gram, solutions)
         error = fitted - 2 * np.einsum("gfo,gfo->", solutions, self.cross) + self.y_squares.sum()
@@ -114,8 +118,9 @@ class ConvFit:
         return FitResult(weight, bias, residual, self.rows)
 
 
-def _solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+def _solve(matrices: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Stacked solves, one per group; least norm for a group singular despite the ridge (constant inputs)."""
     try:
-        return np.linalg.solve(matrix, rhs)
-    except np.linalg.LinAlgError:  # singular despite the ridge (constant inputs): least norm
-        return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+        return np.linalg.solve(matrices, rhs)
+    except np.linalg.LinAlgError:
+        return np.stack([np.linalg.lstsq(m, r, rcond=None)[0] for m, r in zip(matrices, rhs)])

@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 LINEARIZE, ERASE = "refit-linearize", "refit-erase"
 PASSES = (LINEARIZE, ERASE)
 DAMAGE_FLOOR = 1e-3  # relative logit error below which damage counts as this much (ranking only)
-FIT_FLOPS = 2e9  # per fit: caps the patch rows so one fit stays around a second or two
-MIN_ROWS_PER_FEATURE = 32
+FIT_FLOPS = 6e8  # per fit: caps the patch rows of X^T X so one fit stays near a second
+MIN_ROWS_PER_FEATURE = 12
 DYNAMIC_BATCH = 64
 
 ExactFold = Callable[[onnx.ModelProto], "tuple[onnx.ModelProto, list[Rewrite], list[Decline]]"]
@@ -62,11 +62,13 @@ class Metrics:
 
     rel_error: float  # ||y' - y|| / ||y|| over all outputs
     max_rel: float  # max|y' - y| / max|y|, worst output (what --tolerance bounds)
+    max_abs: float
     agreement: float | None  # share of samples whose top-1 (first output) matches the original's
     accuracy: float | None  # top-1 against the labels
 
     def to_dict(self) -> dict:
-        return {"rel_error": self.rel_error, "max_rel": self.max_rel, "agreement": self.agreement,
+        return {"rel_error": self.rel_error, "max_rel": self.max_rel, "max_abs": self.max_abs,
+                "agreement": self.agreement,
                 "accuracy": self.accuracy}
 
 
@@ -132,6 +134,7 @@ class RefitStage:
         self._base_cache: dict[str, list[np.ndarray]] = {}
         self._current_cache: dict[str, list[np.ndarray]] = {}
         self._costs: dict[int, tuple] = {}
+        self._grams: dict[tuple, np.ndarray] = {}
         self.base_tensors = {o for n in base.graph.node for o in n.output} | {vi.name for vi in base.graph.input}
         self.fit_part, self.holdout = self._split()
         self.agreement_floor = options.agreement_floor()
@@ -165,7 +168,7 @@ class RefitStage:
 
     def evaluate(self, model: onnx.ModelProto, part: Part) -> Metrics:
         session = Session(model)
-        diff = norm = worst = 0.0
+        diff = norm = worst = largest = 0.0
         scale: dict[str, float] = {}
         agree = correct = start = 0
         first = session.outputs[0]
@@ -177,7 +180,9 @@ class RefitStage:
                 diff += float(np.sum(delta * delta))
                 norm += float(np.sum(ref64 * ref64))
                 scale[name] = max(scale.get(name, 0.0), float(np.max(np.abs(ref64))) if ref64.size else 0.0)
-                worst = max(worst, float(np.max(np.abs(delta))) / scale[name] if scale[name] > 0 else 0.0)
+                gap = float(np.max(np.abs(delta))) if delta.size else 0.0
+                largest = max(largest, gap)
+                worst = max(worst, gap / scale[name] if scale[name] > 0 else 0.0)
             ref_top, top = _top1(expected[first]), _top1(got[first])
             if top is not None and ref_top is not None:
                 agree += int(np.count_nonzero(top == ref_top))
@@ -185,7 +190,7 @@ class RefitStage:
                     correct += int(np.count_nonzero(top == part.labels[start:start + len(top)]))
                 start += len(top)
         has_classes = _top1(part.expected[0][first]) is not None
-        return Metrics(math.sqrt(diff / norm) if norm > 0 else 0.0, worst,
+        return Metrics(math.sqrt(diff / norm) if norm > 0 else 0.0, worst, largest,
                        agree / part.samples if has_classes else None,
                        correct / part.samples if has_classes and part.labels is not None else None)
 
@@ -248,11 +253,14 @@ class RefitStage:
                 return [n.output[0] for n in nodes if n.op_type == "Conv"]
         return []
 
-    def fit_conv(self, model: onnx.ModelProto, output: str) -> tuple[onnx.ModelProto, FitResult]:
+    def fit_conv(self, model: onnx.ModelProto, output: str,
+                 same_prefix: bool = False) -> tuple[onnx.ModelProto, FitResult]:
         """``model`` with the conv writing ``output`` refit: input from ``model``, target from the original.
 
         A conv whose only consumer is an Add (a residual branch's last conv) is fitted so that the Add
         reproduces the original's sum: target = original(Add) - model(other Add input).
+        ``same_prefix``: the conv's input is computed as in the current model (a region replaced
+        after it), so the current model's cached activations and Gram matrices serve.
         """
         graph = model.graph
         index, node = next((i, n) for i, n in enumerate(graph.node) if output in n.output)
@@ -272,16 +280,21 @@ class RefitStage:
             raise Skip(f"tensor {target!r} has no counterpart in the original model to fit to")
         started = time.perf_counter()
         names = [node.input[0]] + ([other] if other else [])
-        inputs = self._acts(model, names)
+        inputs = self._acts(self.current if same_prefix else model, names)
         targets = self._base_acts(target)
         features = geometry["in_channels"] // geometry["group"] * int(np.prod(geometry["kernel"])) + 1
         total_rows = max(FIT_FLOPS / (features * features) / 2, MIN_ROWS_PER_FEATURE * features)
+        key = (node.input[0], geometry["kernel"], geometry["strides"], geometry["pads"], geometry["group"])
+        shared = self._grams.get(key) if same_prefix else None
         fit = ConvFit(geometry["in_channels"], geometry["out_channels"], geometry["kernel"], geometry["strides"],
                       geometry["pads"], geometry["group"], self.options.ridge,
-                      max_rows=int(math.ceil(total_rows / len(targets))), seed=self.options.seed)
+                      max_rows=int(math.ceil(total_rows / len(targets))), seed=self.options.seed,
+                      gram=None if shared is None else shared.copy())
         for k, x in enumerate(inputs[node.input[0]]):
             y = targets[k] if other is None else targets[k] - inputs[other][k]
             fit.add(x, y)
+        if same_prefix and shared is None:
+            self._grams[key] = fit.gram.copy()
         result = fit.solve()
         self.fit_seconds += time.perf_counter() - started
         out = onnx.ModelProto()
@@ -307,20 +320,36 @@ class RefitStage:
             raise Skip(f"not cheaper by the cost model (estimated cost x{1 - saving / self.cost(model):.2f})")
         residual = 0.0
         for output in to_fit:
-            shaped, result = self.fit_conv(shaped, output)
+            # A linearized region reads its source as the model before it did.
+            same = cand.kind == LINEARIZE and model is self.current
+            shaped, result = self.fit_conv(shaped, output, same_prefix=same)
             residual = max(residual, result.residual)
         return shaped, to_fit, residual, saving
 
-    def cascade(self, model: onnx.ModelProto, after: str, fitted: Sequence[str]) -> onnx.ModelProto:
-        """Refit the convs fitted earlier that lie downstream of tensor ``after``, in graph order."""
+    def cascade(self, model: onnx.ModelProto, kept: Sequence[Candidate]) -> onnx.ModelProto:
+        """Refit, in graph order, every conv fitted before a later rewrite changed its prefix.
+
+        Kept only when it lowers the holdout error within the budgets.
+        """
         position = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
-        start = position.get(after, -1)
-        downstream = sorted((o for o in fitted if position.get(o, -1) > start), key=lambda o: position[o])
-        for output in downstream:
+        stale: set[str] = set()
+        for index, cand in enumerate(kept):
+            where = position.get(cand.target, -1)
+            stale.update(o for earlier in kept[:index] for o in earlier.fitted if position.get(o, -1) > where)
+        if not stale:
+            return model
+        self._say(f"refit: refitting {len(stale)} convs whose inputs changed")
+        cascaded = model
+        for output in sorted(stale, key=lambda o: position[o]):
             try:
-                model, _ = self.fit_conv(model, output)
+                cascaded, _ = self.fit_conv(cascaded, output)
             except Skip:
                 continue
+        before, after = self.evaluate(model, self.holdout), self.evaluate(cascaded, self.holdout)
+        if after.rel_error < before.rel_error and self.budget_reason(after) is None:
+            self.notes.append(f"cascade: refit {len(stale)} convs on their new inputs; holdout logit error "
+                              f"{before.rel_error:.3f} -> {after.rel_error:.3f}")
+            return cascaded
         return model
 
     # --- costs and shapes --------------------------------------------------------------------------
@@ -390,15 +419,9 @@ class RefitStage:
 
     def accept(self, cand: Candidate, kept: list[Candidate]) -> None:
         model, metrics = cand.model, cand.metrics
-        earlier = [o for c in kept for o in c.fitted]
-        cascaded = self.cascade(model, cand.target, earlier) if earlier else model
-        if cascaded is not model:
-            again = self.evaluate(cascaded, self.holdout)
-            if again.rel_error < metrics.rel_error and self.budget_reason(again) is None:
-                model, metrics = cascaded, again
-        cand.status, cand.model, cand.metrics = "accepted", model, metrics
+        cand.status = "accepted"
         self.current, self.current_metrics = model, metrics
-        self._current_cache = {}
+        self._current_cache, self._grams = {}, {}
         self.generation += 1
         kept.append(cand)
 
@@ -437,14 +460,12 @@ class RefitStage:
 
     def replay(self, kept: Sequence[Candidate]) -> onnx.ModelProto:
         """The exact fold with ``kept`` applied in order, each fitted afresh (for the rollback)."""
-        model, fitted = self.base, []
+        model = self.base
         for cand in kept:
             self.current = model  # fits read activations of the prefix built so far
-            self._current_cache = {}
-            model, outs, _, _ = self.build(model, cand)
-            model = self.cascade(model, cand.target, fitted) if fitted else model
-            fitted += outs
-        return model
+            self._current_cache, self._grams = {}, {}
+            model, cand.fitted, _, _ = self.build(model, cand)
+        return self.cascade(model, kept)
 
     def run(self) -> RefitOutcome:
         started = time.perf_counter()
@@ -453,7 +474,7 @@ class RefitStage:
         self.base_metrics = self.current_metrics = self.evaluate(self.base, self.holdout)
         pool = self.candidates()
         kept = self.select(pool)
-        final, exact_rewrites, declines = self.exact(self.current) if kept else (self.base, [], [])
+        final, exact_rewrites, declines = self.exact(self.cascade(self.current, kept)) if kept else (self.base, [], [])
         metrics = self.evaluate(final, self.holdout)
         rolled_back = []
         while kept and self.budget_reason(metrics):
@@ -487,15 +508,15 @@ class RefitStage:
                                    f"{_pct(c.metrics.agreement)}") for c in kept]
         refused = [Decline(c.kind, [c.source, c.target], c.reason) for c in pool if c.status != "accepted"]
         passed = self.budget_reason(metrics) is None
-        notes = [f"holdout: {self.holdout.samples} calibration samples never fitted on; top-1 agreement with the "
-                 f"original {_pct(metrics.agreement)} (floor {self.agreement_floor:.2%})"]
         if rolled_back:
-            notes.append(f"rolled back after the final validation failed: {'; '.join(rolled_back)}")
+            self.notes.append(f"rolled back after the final validation on the holdout failed: "
+                              f"{'; '.join(rolled_back)}")
         validation = ValidationResult(
-            passed, [OutputError("*", float("nan"), metrics.max_rel, 0.0, passed, "" if passed else
+            passed, [OutputError("*", metrics.max_abs, metrics.max_rel, 0.0, passed, "" if passed else
                                  str(self.budget_reason(metrics)))],
             [{k: list(v.shape) for k, v in b.items()} for b in self.holdout.batches],
-            self.tolerance, 0.0, "holdout", notes)
+            self.tolerance, 0.0, "holdout",
+            [f"budgets: top-1 agreement >= {self.agreement_floor:.2%} (got {_pct(metrics.agreement)})"])
         info = {
             "holdout_samples": self.holdout.samples, "fit_samples": self.fit_part.samples,
             "budgets": {"max_accuracy_drop": self.options.max_accuracy_drop, "min_agreement": self.agreement_floor,

@@ -1,0 +1,147 @@
+"""Learned folding (--refit) on the digits reference nets: test accuracy and latency, measured.
+
+Trains the plain baselines once with the project's recipe (``tools/train_baseline.py``, cached in
+runs/baseline/), writes the digits training split as calibration data (``cal.npz`` and
+``labels.npy``: the run fits and decides on it, never on the test split), runs the graphfold CLI
+with ``--refit`` on each network, and measures on the 450 test images: top-1 accuracy of the
+exported baseline and of the result, agreement between them, and latency with ``graphfold.bench``
+(onnxruntime CPU, 1 thread, ORT_ENABLE_ALL, batch 1, interleaved rounds; median with the min and
+the p10-p90 spread). Wall and CPU time of each graphfold run are reported as well.
+
+    python tools/refit_benchmark.py                       # ResNet-20 and MobileNetV2, --max-accuracy-drop 0.5
+    python tools/refit_benchmark.py --archs vgg --calibration-samples 256 -- --target-latency 0.7
+
+Arguments after ``--`` go to graphfold unchanged (they replace the default ``--max-accuracy-drop 0.5``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from graphfold.bench import bench  # noqa: E402
+
+BASELINE = REPO / "runs" / "baseline"
+OUT = REPO / "runs" / "refit"
+
+
+def ensure_baselines(archs: list[str]) -> None:
+    missing = [a for a in archs if not (BASELINE / f"{a}.onnx").exists()]
+    if missing:
+        print(f"training baselines {missing} with tools/train_baseline.py (once; cached in {BASELINE})", flush=True)
+        subprocess.run([sys.executable, str(REPO / "tools" / "train_baseline.py"), "--archs", *missing,
+                        "--no-progress", "--rounds", "5"], check=True)
+
+
+def write_data(samples: int | None, seed: int) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    from graphfold.train.data import load_digits_split
+
+    data = load_digits_split(16)
+    x, y = data.x_train.numpy(), data.y_train.numpy()
+    tag = "all"
+    if samples is not None and samples < len(y):
+        pick = np.sort(np.random.default_rng(seed).choice(len(y), samples, replace=False))
+        x, y, tag = x[pick], y[pick], str(samples)
+    OUT.mkdir(parents=True, exist_ok=True)
+    cal, labels = OUT / f"cal_{tag}.npz", OUT / f"labels_{tag}.npy"
+    np.savez(cal, input=x)
+    np.save(labels, y)
+    return cal, labels, data.x_test.numpy(), data.y_test.numpy()
+
+
+def predict(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1)
+
+
+def run_graphfold(base: Path, out: Path, report: Path, cal: Path, labels: Path, extra: list[str]) -> dict:
+    command = [sys.executable, "-m", "graphfold", str(base), "-o", str(out), "--calibration", str(cal),
+               "--labels", str(labels), "--refit", *extra, "--report", str(report), "-q"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise SystemExit(f"graphfold failed ({result.returncode}): {result.stderr.strip()}")
+    shown = " ".join(["graphfold", os.path.relpath(base, REPO), "-o", os.path.relpath(out, REPO),
+                      "--calibration", os.path.relpath(cal, REPO), "--labels", os.path.relpath(labels, REPO),
+                      "--refit", *extra])
+    return {"command": shown, "wall_s": wall, "cpu_s": (after.ru_utime + after.ru_stime)
+            - (before.ru_utime + before.ru_stime)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", default=["resnet20", "mobilenetv2"],
+                        choices=["resnet20", "mobilenetv2", "vgg"])
+    parser.add_argument("--calibration-samples", type=int, help="a seeded subset of the training split")
+    parser.add_argument("--seed", type=int, default=0, help="of the calibration subset")
+    parser.add_argument("--rounds", type=int, default=30, help="latency rounds (default 30)")
+    parser.add_argument("--tag", default="", help="suffix of the output files")
+    parser.add_argument("graphfold_args", nargs="*", help="after --: graphfold options")
+    args = parser.parse_args()
+    extra = args.graphfold_args or ["--max-accuracy-drop", "0.5"]
+    ensure_baselines(args.archs)
+    cal, labels, x_test, y_test = write_data(args.calibration_samples, args.seed)
+    rows = []
+    for arch in args.archs:
+        base = BASELINE / f"{arch}.onnx"
+        stem = f"{arch}{args.tag}"
+        out, report_path = OUT / f"{stem}.refit.onnx", OUT / f"{stem}.report.json"
+        print(f"{arch}: graphfold --refit {' '.join(extra)}", flush=True)
+        run = run_graphfold(base, out, report_path, cal, labels, extra)
+        report = json.loads(report_path.read_text())
+        exact = OUT / f"{arch}.exact.onnx"  # the exact fold: what the latency of a plain graphfold run is
+        subprocess.run([sys.executable, "-m", "graphfold", str(base), "-o", str(exact), "-q"], check=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        timing = bench([str(base), str(exact), str(out)], threads=1, batch=1, opt_level="all",
+                       rounds=args.rounds, warmup=10, repeat=20)
+        base_pred, out_pred = predict(base, x_test), predict(out, x_test)
+        refit = report["refit"]
+        rows.append({
+            "arch": arch, **run,
+            "calibration_samples": refit["fit_samples"] + refit["holdout_samples"],
+            "accepted": [c["kind"] for c in refit["candidates"] if c["status"] == "accepted"],
+            "convs": [report["before"]["convs"], report["after"]["convs"]],
+            "test_acc_base": float((base_pred == y_test).mean()), "test_acc_refit": float((out_pred == y_test).mean()),
+            "test_agreement": float((base_pred == out_pred).mean()),
+            "holdout_acc": [refit["before"]["holdout"]["accuracy"], refit["after"]["holdout"]["accuracy"]],
+            "holdout_agreement": refit["after"]["holdout"]["agreement"],
+            "latency_ms": {t.path: [min(t.samples_ms), t.median_ms, t.p10_ms, t.p90_ms] for t in timing.timings},
+            "latency_ratio": timing.timings[2].median_ms / timing.timings[0].median_ms,
+            "latency_ratio_min": min(timing.timings[2].samples_ms) / min(timing.timings[0].samples_ms),
+            "latency_ratio_vs_exact": timing.timings[2].median_ms / timing.timings[1].median_ms,
+            "estimated_cost_ratio": refit["estimated_cost_ratio"], "fit_s": refit["fit_seconds"],
+        })
+    print("\n| net | calibration | rewrites kept | convs | test acc base -> refit | test agreement "
+          "| holdout acc | latency (median, min) | graphfold wall / CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        kinds = ", ".join(f"{r['accepted'].count(k)} {k.split('-')[1]}" for k in sorted(set(r["accepted"])))
+        print(f"| {r['arch']} | {r['calibration_samples']} | {kinds or 'none'} | {r['convs'][0]} -> {r['convs'][1]} "
+              f"| {100 * r['test_acc_base']:.2f}% -> {100 * r['test_acc_refit']:.2f}% "
+              f"({100 * (r['test_acc_refit'] - r['test_acc_base']):+.2f}) | {100 * r['test_agreement']:.2f}% "
+              f"| {100 * r['holdout_acc'][0]:.2f}% -> {100 * r['holdout_acc'][1]:.2f}% "
+              f"| {r['latency_ratio']:.2f}x, {r['latency_ratio_min']:.2f}x | {r['wall_s']:.0f} / {r['cpu_s']:.0f} |")
+    for r in rows:
+        print(f"  {r['command']}")
+    (OUT / f"results{args.tag}.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
