@@ -15,6 +15,7 @@ downstream of it are refit on the new prefix (a cascade), kept where that helps 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -468,6 +469,10 @@ class RefitStage:
         return self.cascade(model, kept)
 
     def run(self) -> RefitOutcome:
+        with _one_blas_thread():
+            return self._run()
+
+    def _run(self) -> RefitOutcome:
         started = time.perf_counter()
         self.current, self.generation = self.base, 0
         self.base_cost = self.cost(self.base)
@@ -539,6 +544,17 @@ class RefitStage:
     def _say(self, text: str) -> None:
         if self.progress:
             self.progress(text)
+
+
+def _one_blas_thread():
+    """BLAS on one thread while fitting, like the onnxruntime sessions: the normal equations are many
+    small products, which a second thread slows down by 2-25x on a loaded two-core machine (measured).
+    Uses threadpoolctl where installed (scikit-learn brings it), which restores the setting after."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def _top1(scores) -> np.ndarray | None:
