@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ from graphfold.validate import ValidationResult
 MAX_LISTED = 12
 NAMES_SHOWN = 3  # node names a grouped decline line shows before "..."
 REFIT_PASSES = ("refit-linearize", "refit-erase")  # graphfold.refit.stage, not imported: it is heavy
+_QUOTED = re.compile(r"'[^']*'")
 STAT_ROWS = (("nodes", "nodes"), ("convs", "convs"), ("depth", "depth"), ("params", "params"), ("macs", "MACs"))
 
 
@@ -66,13 +68,21 @@ class Report:
         return "\n".join(lines)
 
     def decline_groups(self, passes: set[str] | None = None) -> list[tuple[str, str, list[str]]]:
-        """Declines grouped by pass and reason, largest group first: (pass, reason, anchor node names)."""
+        """Declines grouped by pass and reason, largest group first: (pass, reason, anchor node names).
+
+        Reasons that differ only in the tensor they quote ("intermediate 'x' is used by 2 nodes")
+        are one group, shown with ``'...'`` for the name; the JSON report keeps every reason whole.
+        """
         groups: dict[tuple[str, str], list[str]] = {}
+        reasons: dict[tuple[str, str], set[str]] = {}
         for d in self.declines:
             if passes is None or d.pass_name in passes:
-                groups.setdefault((d.pass_name, d.reason), []).append(d.nodes[0] if d.nodes else "?")
+                key = (d.pass_name, _QUOTED.sub("'...'", d.reason))
+                groups.setdefault(key, []).append(d.nodes[0] if d.nodes else "?")
+                reasons.setdefault(key, set()).add(d.reason)
         ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
-        return [(name, reason, nodes) for (name, reason), nodes in ordered]
+        return [(name, next(iter(reasons[name, template])) if len(reasons[name, template]) == 1 else template, nodes)
+                for (name, template), nodes in ordered]
 
     def decline_lines(self, passes: set[str] | None = None, limit: int | None = None) -> list[str]:
         """One line per decline reason: pass, count, reason, the first few nodes it applies to."""

@@ -39,6 +39,16 @@ def test_declines_grouped_by_reason_with_a_count_and_three_names():
     assert summary.count("branches read different tensors") == 1
 
 
+def test_reasons_differing_only_in_a_quoted_name_group_together():
+    declines = [Decline("fold-affine", [f"add{i}"], f"intermediate 'conv{i}' is used by 2 nodes") for i in range(5)]
+    report = Report(before={}, after={}, declines=declines + [Decline("fold-affine", ["mul"], "other 'x'")])
+    lines = report.decline_lines()
+    assert len(lines) == 2
+    assert lines[0].split()[:2] == ["fold-affine", "5"]
+    assert lines[0].endswith("intermediate '...' is used by 2 nodes: add0, add1, add2, ...")
+    assert lines[1].endswith("other 'x': mul")  # a group of one keeps its name
+
+
 def test_cli_summary_on_the_sample(tmp_path, capsys):
     out = tmp_path / "out.onnx"
     assert cli.main([SAMPLE, "-o", str(out)]) == 0
