@@ -70,7 +70,8 @@ class Console:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                         help="concrete shape for a graph input with dynamic dims (repeatable), "
-                             "used for validation, shape analysis and MAC counts")
+                             "used for validation, the cost model and MAC counts (default: 1 for the first "
+                             "dim, 32 for the others); the written model keeps its dynamic dims")
     parser.add_argument("--input-value", action="append", default=[], metavar="NAME:VALUE",
                         help="a fixed value for an input random data would not fit, such as a sample rate "
                              "(sr:16000) or a state (h:0 fills it; a comma list takes --input-shape's shape; "
