@@ -12,15 +12,28 @@ optimizer (ORT_ENABLE_EXTENDED, saved model). Each output is then measured:
 - latency over the original's: ``graphfold.bench`` (ORT_ENABLE_ALL, 1 thread, interleaved rounds);
 - optimizer run time over plain onnx.load + onnx.save of the same model.
 
-An optimizer that fails on a model gets its failure in the table; the run goes on.
+An optimizer that fails on a model gets its failure in the table; the run goes on. A peer
+that is not installed (``pip install -e '.[peers]'``) fails on every model, and says so.
+
+Your own models: ``--models DIR`` (repeatable) takes every ``*.onnx`` in DIR; input shapes come
+from the model, else from ``DIR/shapes.json`` (``{"file.onnx": {"input": [1, 3, 224, 224]}}``),
+else from ``--input-shape NAME:D0,D1,...``, else batch 1, 3 channels, 224 x 224.
+``--section NAME`` writes the tables as one section of ``--out`` (between
+``<!-- peer_benchmark:NAME -->`` markers, replaced on the next run) instead of the whole page;
+a page regenerated without ``--section`` keeps what lies between its ``KEPT`` markers.
+``tools/real_models.py DIR`` writes such a folder: onnx's bundled models and PyTorch exports
+of published architectures.
 
     python tools/peer_benchmark.py                  # writes docs/benchmarks.md and docs/benchmarks.png
     python tools/peer_benchmark.py --quick --out /tmp/b.md --chart /tmp/b.png
+    python tools/real_models.py /tmp/real && python tools/peer_benchmark.py --models /tmp/real \\
+        --no-synthetic --no-speed --section real-models --chart ''
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import math
 import os
 import platform
@@ -39,7 +52,7 @@ from speed_benchmark import REPO, NetBuilder, RunRecord, WeightSink  # noqa: E40
 import graphfold  # noqa: E402
 from graphfold.bench import bench  # noqa: E402
 from graphfold.errors import GraphfoldError, first_line  # noqa: E402
-from graphfold.inputs import real_inputs  # noqa: E402
+from graphfold.inputs import parse_input_shape, real_inputs  # noqa: E402
 from graphfold.shapes import infer_concrete  # noqa: E402
 from graphfold.stats import model_stats  # noqa: E402
 
@@ -118,8 +131,11 @@ class Row:
     path: str = ""
     stats: dict = field(default_factory=dict)
     max_abs: float | None = None
-    latency_ratio: float | None = None
+    latency_ratio: float | None = None  # median over the original's median
     latency_ms: float | None = None
+    min_ratio: float | None = None  # fastest sample over the original's fastest
+    cpu_ratio: float | None = None  # process CPU time per run over the original's (1 thread)
+    spread: float | None = None  # p90 / p10 of the samples
     rerun_ratio: float | None = None  # the original timed again: the measurement's own noise
     failure: str | None = None
 
@@ -132,10 +148,14 @@ class ModelResult:
     rows: list[Row]
 
 
-def bench_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """The model's own input dims; symbolic ones become batch 1, 3 channels, 224 x 224."""
+def bench_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """The model's own input dims, else ``given``'s; other symbolic ones become batch 1, 3 channels,
+    224 x 224."""
     shapes = {}
     for vi in real_inputs(model.graph):
+        if given and vi.name in given:
+            shapes[vi.name] = list(given[vi.name])
+            continue
         dims = vi.type.tensor_type.shape.dim
         resolved = []
         for axis, dim in enumerate(dims):
@@ -173,10 +193,11 @@ def measure_stats(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict:
     return model_stats(counted, infer_concrete(counted, shapes))
 
 
-def measure_model(src: str, folder: str, tools: list[str], args: argparse.Namespace) -> ModelResult:
+def measure_model(src: str, folder: str, tools: list[str], args: argparse.Namespace,
+                  given: dict[str, list[int]] | None = None) -> ModelResult:
     name = os.path.splitext(os.path.basename(src))[0]
     original = onnx.load(src)
-    shapes = bench_shapes(original)
+    shapes = bench_shapes(original, given)
     baseline = speed.measure("load+save", src, os.path.join(folder, f"{name}.load+save.onnx"), args.repeats,
                              args.timeout, warmup=1)
     first = Row("original", baseline, src, measure_stats(original, shapes), max_abs=0.0)
@@ -217,11 +238,13 @@ def _measure_latency(first: Row, rows: list[Row], shapes: dict[str, list[int]],
     first.rerun_ratio = rerun.ratio
     for row, timing in zip([first] + rows, [original] + others):
         row.latency_ratio, row.latency_ms = timing.ratio, timing.median_ms
+        row.min_ratio, row.cpu_ratio, row.spread = timing.min_ms / original.min_ms, timing.cpu_ratio, timing.spread
 
 
 # ---------------------------------------------------------------- report
 
-COLUMNS = ["optimizer", "nodes", "convs", "depth", "MACs", "max abs error", "latency x", "optimize time x"]
+COLUMNS = ["optimizer", "nodes", "convs", "depth", "MACs", "max abs error", "latency x", "min x", "CPU x",
+           "spread", "optimize time x"]
 
 
 def _count(value) -> str:
@@ -238,6 +261,7 @@ def _cells(row: Row, baseline: RunRecord) -> list[str]:
     name = f"**{row.tool}**" if row.tool == "graphfold" else row.tool
     if not row.run.ok and row.tool != "original":
         return [name] + ["failed"] * (len(COLUMNS) - 1)
+    measured = [_ratio(row.min_ratio), _ratio(row.cpu_ratio), _ratio(row.spread)]
     stats = row.stats
     counts = [_count(stats.get(key)) if stats else "failed" for key in ("nodes", "convs", "depth", "macs")]
     if row.tool == "original":
@@ -250,7 +274,11 @@ def _cells(row: Row, baseline: RunRecord) -> list[str]:
         if row.latency_ms is not None:
             latency += f" ({row.latency_ms:.2f} ms, rerun {row.rerun_ratio:.2f})"
         timing += f" ({baseline.seconds * 1000:.0f} ms)" if baseline.ok else ""
-    return [name, *counts, error, latency, timing]
+    return [name, *counts, error, latency, *measured, timing]
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _failures(result: ModelResult) -> list[str]:
@@ -277,6 +305,8 @@ def summary_table(results: list[ModelResult], tools: list[str]) -> list[str]:
                 cells.append("failed")
                 continue
             latency = f"{row.latency_ratio:.2f}x" if row.latency_ratio is not None else "-"
+            if row.cpu_ratio is not None:
+                latency += f" (CPU {row.cpu_ratio:.2f}x)"
             cells.append(f"{row.stats.get('depth')} / {latency}")
         rows.append(cells)
     return markdown_table(["model", *tools], rows)
@@ -311,18 +341,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_markdown(path: str, chart: str | None, results: list[ModelResult], tools: list[str],
-                   command: str, speed_results: list[tuple[str, int, list[RunRecord]]],
-                   skipped: list[str]) -> None:
-    lines = [
-        "# Benchmarks: graphfold and the ONNX optimizers in common use",
-        "",
-        f"Produced by `{command}`; rerun it to refresh this page and its chart.",
-        "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}; load average {load_average()} when the run ended. "
-        f"Versions: {versions()}.",
-        "",
+def measured_how() -> list[str]:
+    """What each column means and how it is measured."""
+    return [
         "How each column is measured:",
         "",
         "- **nodes, convs, depth, MACs**: `graphfold.stats` on the optimized model. Depth is the longest "
@@ -334,7 +355,11 @@ def write_markdown(path: str, chart: str | None, results: list[ModelResult], too
         "models timed in interleaved rounds (`graphfold.bench`), each sample the mean of enough runs to "
         f"span about {SAMPLE_MS:.0f} ms; below 1 is faster. The original is "
         "timed twice: the second copy's ratio (*rerun*, in the original's row) is the noise of the "
-        "measurement on that model; read differences of that size as ties.",
+        "measurement on that model; read differences of that size as ties. **min x**: fastest sample "
+        "over the original's fastest. **CPU x**: this process's CPU time per run over the original's "
+        "(with one thread, the work itself, which other load on the machine does not inflate). "
+        "**spread**: p90 / p10 of the samples; over 1.2 the medians are not to be trusted. Differences "
+        "under about 5% are ties.",
         "- **optimize time x**: the optimizer's wall time, file to file, over plain `onnx.load` + "
         "`onnx.save` of the same model; each in a fresh process, median of the runs after one warm-up "
         "run, imports not counted. graphfold runs without its validation here, as the peers do; onnxsim "
@@ -344,22 +369,47 @@ def write_markdown(path: str, chart: str | None, results: list[ModelResult], too
         "initializers (Sqrt, Div, Mul, ...) that onnxruntime constant-folds at load time, hence its "
         "node counts.",
         "",
-        "## Summary: depth after / latency ratio",
-        "",
-        *summary_table(results, tools),
-        "",
     ]
+
+
+def machine_line() -> str:
+    return (f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}; load average {load_average()} when the run ended. "
+            f"Versions: {versions()}.")
+
+
+def result_lines(results: list[ModelResult], tools: list[str], skipped: list[str], level: str = "##",
+                 chart: str | None = None, page: str = "") -> list[str]:
+    """The summary table, the chart, one table per model and the models that could not be read."""
+    lines = [f"{level} Summary: depth after / latency ratio", "", *summary_table(results, tools), ""]
     if chart:
-        lines += [f"![latency and depth against the original]({os.path.relpath(chart, os.path.dirname(path))})", ""]
+        lines += [f"![latency and depth against the original]({os.path.relpath(chart, os.path.dirname(page))})", ""]
     for result in results:
         shapes = ", ".join(f"{n} {'x'.join(map(str, d))}" for n, d in result.input_shapes.items())
-        lines += [f"## {result.name}", "", f"Input: {shapes}.", ""]
+        lines += [f"{level} {result.name}", "", f"Input: {shapes}.", ""]
         rows = [_cells(r, result.original.run) for r in [result.original] + result.rows]
         lines += markdown_table(COLUMNS, rows) + [""]
         if _failures(result):
             lines += ["Failures:", "", *_failures(result), ""]
     if skipped:
-        lines += ["## Models not benchmarked", ""] + [f"- {line}" for line in skipped] + [""]
+        lines += [f"{level} Models not benchmarked", ""] + [f"- {line}" for line in skipped] + [""]
+    return lines
+
+
+def write_markdown(path: str, chart: str | None, results: list[ModelResult], tools: list[str],
+                   command: str, speed_results: list[tuple[str, int, list[RunRecord]]],
+                   skipped: list[str]) -> None:
+    lines = [
+        "# Benchmarks: graphfold and the ONNX optimizers in common use",
+        "",
+        f"Produced by `{command}`; rerun it to refresh this page and its chart.",
+        "",
+        machine_line(),
+        "",
+        *measured_how(),
+        *kept_part(path),
+        *result_lines(results, tools, skipped, chart=chart, page=path),
+    ]
     for case, size, records in speed_results:
         runs = "one run" if case == "resnet-2GB" else "median time of the runs"
         lines += [f"## Optimizer speed on a large model: {case}", "",
@@ -370,6 +420,48 @@ def write_markdown(path: str, chart: str | None, results: list[ModelResult], too
         lines += markdown_table(speed.SPEED_HEADER, speed.speed_rows(records)) + [""]
     with open(path, "w") as out:
         out.write("\n".join(lines))
+
+
+KEPT = ("<!-- kept by peer_benchmark.py -->", "<!-- /kept by peer_benchmark.py -->")
+
+
+def kept_part(path: str) -> list[str]:
+    """The part of the old page between the KEPT markers (sections written with --section and the
+    text around them), which regenerating the page keeps as it is."""
+    text = open(path).read() if os.path.exists(path) else ""
+    if KEPT[0] not in text or KEPT[1] not in text:
+        return []
+    return [text[text.index(KEPT[0]):text.index(KEPT[1]) + len(KEPT[1])], ""]
+
+
+def write_section(path: str, name: str, results: list[ModelResult], tools: list[str], command: str,
+                  skipped: list[str]) -> None:
+    """Replace the section between ``<!-- peer_benchmark:NAME -->`` markers of ``path`` (appended if
+    absent), leaving the rest of the page as it is."""
+    start, end = f"<!-- peer_benchmark:{name} -->", f"<!-- /peer_benchmark:{name} -->"
+    body = [start, "", f"Produced by `{command}`; the columns as above.", "", machine_line(), "",
+            *result_lines(results, tools, skipped, level="###"), end]
+    text = open(path).read() if os.path.exists(path) else ""
+    if start in text and end in text:
+        text = text[:text.index(start)] + "\n".join(body) + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
+    with open(path, "w") as out:
+        out.write(text)
+
+
+def model_folders(folders: list[str], given: dict[str, list[int]]) -> list[tuple[str, dict[str, list[int]]]]:
+    """Every ``*.onnx`` in ``folders`` with the input shapes for it: ``shapes.json`` beside it, over
+    the ``--input-shape`` ones."""
+    found = []
+    for folder in folders:
+        table = {}
+        if os.path.exists(os.path.join(folder, "shapes.json")):
+            with open(os.path.join(folder, "shapes.json")) as handle:
+                table = json.load(handle)
+        for path in sorted(glob.glob(os.path.join(folder, "*.onnx"))):
+            found.append((path, {**given, **table.get(os.path.basename(path), {})}))
+    return found
 
 
 def plot_results(results: list[ModelResult], tools: list[str], path: str) -> None:
@@ -403,11 +495,16 @@ def plot_results(results: list[ModelResult], tools: list[str], path: str) -> Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help="ONNX models (default: models/*.onnx and the synthetic set)")
+    parser.add_argument("--models", dest="folders", action="append", default=[], metavar="DIR",
+                        help="every *.onnx in DIR (repeatable); input shapes from DIR/shapes.json")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                        help="shape for an input the model leaves dynamic, on every model that has it")
+    parser.add_argument("--section", metavar="NAME",
+                        help="write the results as section NAME of --out, leaving the rest of the page")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic RepVGG/MobileNetV2/ResNet")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=TOOLS)
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
-    parser.add_argument("--chart", default=os.path.join(REPO, "docs", "benchmarks.png"),
-                        help="chart path ('' for none)")
+    parser.add_argument("--chart", help="chart path ('' for none; default docs/benchmarks.png, none with --section)")
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds (default 20)")
     parser.add_argument("--repeat", type=int, default=10,
                         help=f"least runs averaged per latency sample; more on small models, to span {SAMPLE_MS:.0f} ms")
@@ -422,18 +519,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.repeat, args.warmup, args.repeats, args.no_speed = 3, 2, 1, 1, True
+    if args.chart is None:
+        args.chart = "" if args.section else os.path.join(REPO, "docs", "benchmarks.png")
+    # A section holds the model tables only: the speed cases belong to the whole page.
+    args.no_speed = args.no_speed or bool(args.section)
 
     with tempfile.TemporaryDirectory(prefix="graphfold-peers-") as scratch:
         folder = args.keep or scratch
         os.makedirs(folder, exist_ok=True)
-        paths = list(args.models) or sorted(glob.glob(os.path.join(REPO, "models", "*.onnx")))
+        given = dict(parse_input_shape(spec) for spec in args.input_shape)
+        paths = [(path, given) for path in args.models] + model_folders(args.folders, given)
+        if not paths:
+            paths = [(path, given) for path in sorted(glob.glob(os.path.join(REPO, "models", "*.onnx")))]
         if not args.no_synthetic:
-            paths += synthetic_models(folder)
+            paths += [(path, given) for path in synthetic_models(folder)]
         results, skipped = [], []
-        for src in paths:
+        for src, shapes in paths:
             print(f"{os.path.basename(src)} ...", file=sys.stderr, flush=True)
             try:
-                results.append(measure_model(src, folder, args.tools, args))
+                results.append(measure_model(src, folder, args.tools, args, shapes))
             except Exception as exc:  # the original itself cannot be read or counted
                 skipped.append(f"{os.path.basename(src)}: {first_line(exc)[:160]}")
         cases = [] if args.no_speed else ["resnet-100MB"] + (["resnet-2GB"] if args.big else [])
@@ -446,7 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         plot_results(results, args.tools, args.chart)
     command = "python tools/peer_benchmark.py" + ("".join(f" {a}" for a in argv) if argv else
                                                    "".join(f" {a}" for a in sys.argv[1:]))
-    write_markdown(args.out, args.chart or None, results, args.tools, command, speed_results, skipped)
+    if args.section:
+        write_section(args.out, args.section, results, args.tools, command, skipped)
+    else:
+        write_markdown(args.out, args.chart or None, results, args.tools, command, speed_results, skipped)
     print(f"wrote {args.out}" + (f" and {args.chart}" if args.chart else ""), file=sys.stderr)
     return 0
 
