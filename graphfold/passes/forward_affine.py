@@ -12,7 +12,9 @@ hand-built HardSwish ``x * Relu6(x + 3) / 6`` ends in a Div before a conv, PP-LC
 learnable scale and shift (Mul, Add) before its 1x1 convs. Every reader of the tensor takes the
 map, or none does. A shift into a padded conv would need a constant border map after it (an Add
 onnxruntime cannot fuse into the conv), which costs more than the Add it replaces: declined.
-GELU's final ``* 0.5`` stays where it is (the engine's runtime-fusion table says why).
+When a scale is followed by such a shift, the scale alone moves past it (``s*x + t =
+s*(x + t/s)``) into the padded reader, leaving one Add. GELU's final ``* 0.5`` stays where it
+is (the engine's runtime-fusion table says why).
 """
 from __future__ import annotations
 
@@ -157,27 +159,33 @@ class FoldAffineForward(Pass):
 
     def match(self, ctx: FoldContext):
         for node in ctx.graph.nodes:
-            if node.op not in AFFINE_OPS or len(node.inputs) != 2 or len(node.outputs) != 1:
+            side = affine_side(node)
+            if side is None:
                 continue
-            constant = [float_const(t) is not None for t in node.inputs]
-            if constant.count(True) != 1:
-                continue
-            side = constant.index(False)
-            if node.op == "Div" and side == 1:
-                continue  # c / x is not affine in x
             readers = node.outputs[0].outputs
             # Only maps some layer reads are candidates, so ``inspect`` lists declines worth reading.
             if any(reader.op in READER_OPS for reader in readers):
                 yield Match((node, *readers), {"side": side})
+            elif node.op in ("Mul", "Div") and len(readers) == 1 and readers[0].op in ("Add", "Sub"):
+                # scale then shift (PP-LCNetV3): s*x + t = s*(x + t/s) takes the scale past the shift
+                # into readers the shift alone cannot enter (padded ones).
+                shift, shift_side = readers[0], affine_side(readers[0])
+                if shift_side is not None and any(r.op in READER_OPS for r in shift.outputs[0].outputs):
+                    yield Match((node, shift, *shift.outputs[0].outputs),
+                                {"side": side, "shift": shift, "shift_side": shift_side})
 
     def moved_nodes(self, match: Match) -> tuple:
         return (match.anchor,)  # the readers are rebuilt as the same layers, writing the same tensors
 
-    def _plans(self, ctx: FoldContext, match: Match) -> list[Folded] | str:
+    def _plans(self, ctx: FoldContext, match: Match) -> tuple[list[Folded], np.ndarray | None] | str:
+        """How each reader is rebuilt, and the constant of the Add left in front of them (when the
+        scale moves past a shift), or why the map cannot fold."""
         node, side = match.anchor, match.data["side"]
-        y, x = node.outputs[0], node.inputs[side]
-        if y.name in ctx.graph_outputs:
-            return f"{y.name!r} is a graph output or read by a subgraph"
+        x, last = node.inputs[side], match.data.get("shift", node)
+        y = last.outputs[0]
+        for tensor in {node.outputs[0].name: node.outputs[0], y.name: y}.values():
+            if tensor.name in ctx.graph_outputs:
+                return f"{tensor.name!r} is a graph output or read by a subgraph"
         readers = list(y.outputs)
         for reader in readers:
             if reader.op not in READER_OPS:
@@ -188,13 +196,21 @@ class FoldAffineForward(Pass):
                 return reason
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             scale, shift = affine_of(node.op, float_const(node.inputs[1 - side]), side)
+            remainder = None
+            if last is not node:
+                outer, offset = affine_of(last.op, float_const(last.inputs[1 - match.data["shift_side"]]),
+                                          match.data["shift_side"])
+                scale, remainder = outer * scale, offset / (outer * scale)
+                if not np.all(np.isfinite(remainder)) or not keeps_shape(ctx.static_shape(x), remainder):
+                    return "the scale cannot move past the shift (a zero scale, or a shift of another shape)"
+                shift = np.zeros_like(scale)
         plans = []
         for reader in readers:
             plan = fold_into_reader(ctx, reader, x, scale, shift)
             if isinstance(plan, str):
                 return plan
             plans.append(plan)
-        return plans
+        return plans, remainder
 
     def check(self, ctx: FoldContext, match: Match) -> Decision:
         plans = self._plans(ctx, match)
@@ -202,12 +218,22 @@ class FoldAffineForward(Pass):
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         node, side = match.anchor, match.data["side"]
-        x, y = node.inputs[side], node.outputs[0]
+        last = match.data.get("shift", node)
+        x, y = node.inputs[side], last.outputs[0]
         readers = list(y.outputs)
-        plans = self._plans(ctx, match)
+        plans, remainder = self._plans(ctx, match)
         added = []
+        detach([node, last] if last is not node else [node])
+        if remainder is not None:
+            # x + t/s, written to the tensor the readers read: only the scale moved.
+            const = make_const(ctx.scope, f"{last.name}.shift", remainder.astype(plans[0].weight.dtype))
+            added.append(gs.Node("Add", last.name or ctx.scope.make("Add"), inputs=[x, const], outputs=[y]))
+            ctx.graph.nodes.append(added[-1])
+            source = y
+        else:
+            source = x
         for reader, plan in zip(readers, plans):
-            inputs = [x, make_const(ctx.scope, f"{reader.name}.weight", plan.weight)]
+            inputs = [source, make_const(ctx.scope, f"{reader.name}.weight", plan.weight)]
             if plan.bias is not None:
                 inputs.append(make_const(ctx.scope, f"{reader.name}.bias", plan.bias))
             outputs = list(reader.outputs)
@@ -217,6 +243,18 @@ class FoldAffineForward(Pass):
                           inputs=inputs, outputs=outputs)
             ctx.graph.nodes.append(new)
             added.append(new)
-        detach([node])
         names = ", ".join(repr(r.name) for r in readers)
-        return Change([node, *readers], added, f"folded {node.op} {node.name!r} forward into {names}")
+        moved = f"{node.op} {node.name!r}" + (f" past {last.op} {last.name!r}" if last is not node else "")
+        removed = [node, last, *readers] if last is not node else [node, *readers]
+        return Change(removed, added, f"folded {moved} forward into {names}")
+
+
+def affine_side(node: gs.Node) -> int | None:
+    """The input index of the variable when ``node`` is Mul/Div/Add/Sub by one float constant."""
+    if node.op not in AFFINE_OPS or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    constant = [float_const(t) is not None for t in node.inputs]
+    if constant.count(True) != 1:
+        return None
+    side = constant.index(False)
+    return None if node.op == "Div" and side == 1 else side  # c / x is not affine in x

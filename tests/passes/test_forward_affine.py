@@ -65,6 +65,16 @@ def test_learnable_scale_and_shift_both_fold_into_a_pointwise_conv():
     assert_folds(model, FORWARD, 2, ["HardSwish", "Conv"])
 
 
+@pytest.mark.parametrize("shift_op", ["Add", "Sub"])
+def test_scale_moves_past_a_shift_into_a_padded_depthwise_conv(shift_op):
+    """s*x + t = s*(x + t/s): the shift cannot enter the padded conv, the scale can."""
+    n = Net([1, CHANNELS, 8, 8])
+    s = affine(n, "Mul", n.x, "s", channel_vector(n))
+    t = affine(n, shift_op, s, "t", n.rng.standard_normal((1, CHANNELS, 1, 1)))
+    model = n.model(n.conv(t, "y", CHANNELS, CHANNELS, kernel=3, group=CHANNELS, pads=[1, 1, 1, 1]))
+    assert_folds(model, FORWARD, 1, ["Add", "Conv"])
+
+
 @pytest.mark.parametrize("group", [2, CHANNELS])
 def test_scale_folds_into_a_grouped_or_depthwise_conv(group):
     n = Net([1, CHANNELS, 8, 8])
@@ -161,6 +171,15 @@ def test_declines_a_shift_into_a_padded_conv():
     n = scaled_conv(op="Add")
     model = n.model(n.conv("s", "y", CHANNELS, 4, kernel=3, pads=[1, 1, 1, 1]))
     assert_declines(model, FORWARD, "is padded: a shift would leak into its zero border")
+
+
+def test_declines_moving_a_zero_scale_past_a_shift():
+    value = np.ones((1, CHANNELS, 1, 1), np.float32)
+    value[0, 1] = 0
+    n = scaled_conv(value=value)
+    affine(n, "Add", "s", "t", np.float32(0.5))
+    model = n.model(n.conv("t", "y", CHANNELS, 4, kernel=3, pads=[1, 1, 1, 1]))
+    assert_declines(model, FORWARD, "the scale cannot move past the shift")
 
 
 def test_declines_a_shift_into_a_conv_padded_automatically_on_an_unknown_size():
