@@ -13,7 +13,7 @@ with its body (MatMul + Add into one Gemm) or removing a body node that computes
 identity activation) is not breaking. ``docs/fusions.md`` has the measured cost of each pattern
 kept and broken (``tools/fusion_benchmark.py``).
 
-Not in the table, because onnxruntime (1.20-1.23, CPU) does not fuse them and folding them
+Not in the table, because onnxruntime (1.32, CPU) does not fuse them and folding them
 measured faster: a hand-built HardSwish ``x * Relu6(x + 3) / 6`` (its ``/ 6`` folds into the
 next conv), ``x * HardSigmoid(x)`` (no fusion to HardSwish on CPU).
 """
