@@ -1,5 +1,6 @@
 """graphfold's PyTorch side (the ``train`` extra): train networks that graphfold then folds.
 
+* a user's own model made foldable: :func:`make_foldable` (torch.fx);
 * Layer Folding activations: :class:`LayerFoldingActivation`, :func:`slope_regularizer`,
   :func:`clip_slopes`, :func:`snap_slopes`;
 * epsilon-ResNet gates: :class:`EpsilonGate`, :func:`gate_sparsity_loss`,
@@ -11,6 +12,7 @@
 """
 from __future__ import annotations
 
+from graphfold.train.convert import ConversionError, make_foldable
 from graphfold.train.data import DigitsSplit, load_digits_split
 from graphfold.train.eps_resnet import (
     EpsilonGate,
@@ -31,6 +33,7 @@ from graphfold.train.implosion import (
     unit_priorities,
 )
 from graphfold.train.layer_folding import (
+    ClippedFoldingActivation,
     LayerFoldingActivation,
     clip_slopes,
     folding_activations,
@@ -43,6 +46,8 @@ from graphfold.train.residual import Residual, residual_units
 from graphfold.train.skip_fading import SkipFadeScheduler, SkipWeight, add_skip_weights, skip_free
 
 __all__ = [
+    "ClippedFoldingActivation",
+    "ConversionError",
     "DigitsSplit",
     "EpsilonGate",
     "ImplosionResult",
@@ -65,6 +70,7 @@ __all__ = [
     "implode",
     "linear_conv_chains",
     "load_digits_split",
+    "make_foldable",
     "priority_l1",
     "relocate_padding",
     "residual_units",

@@ -23,6 +23,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ClippedFoldingActivation",
     "LayerFoldingActivation",
     "clip_slopes",
     "folding_activations",
@@ -39,13 +40,17 @@ class LayerFoldingActivation(nn.Module):
     ``num_parameters=1`` (one slope for the layer, as in the paper) lets a whole activation become
     an identity; per-channel slopes that snap to a mix of 0 and 1 stay a ``PRelu`` that nothing
     can fold.
+
+    ``negative_slope`` makes it a LeakyReLU's foldable form, ``a*x + (1-a)*leaky_relu(x)``, which
+    is a PReLU of slope ``a + (1-a)*negative_slope``; snapped to 0 it exports as ``LeakyRelu``.
     """
 
-    def __init__(self, num_parameters: int = 1, init: float = 0.0) -> None:
+    def __init__(self, num_parameters: int = 1, init: float = 0.0, negative_slope: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= init <= 1.0:
             raise ValueError(f"init slope must lie in [0, 1], got {init}")
         self.slope = nn.Parameter(torch.full((num_parameters,), float(init)))
+        self.negative_slope = float(negative_slope)
         self.mode = _LEARN
 
     @property
@@ -61,7 +66,9 @@ class LayerFoldingActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Branch on a Python attribute, not on tensor values, so tracing exports one fixed op.
         if self.mode == _RELU:
-            return F.relu(x)
+            return F.leaky_relu(x, self.negative_slope) if self.negative_slope else F.relu(x)
+        if self.negative_slope:
+            return F.prelu(x, self.slope + (1 - self.slope) * self.negative_slope)
         return F.prelu(x, self.slope)
 
     def snap(self, threshold: float = 0.9) -> str:
@@ -78,7 +85,29 @@ class LayerFoldingActivation(nn.Module):
         return self.mode
 
     def extra_repr(self) -> str:
-        return f"num_parameters={self.slope.numel()}, mode={self.mode}"
+        leaky = f", negative_slope={self.negative_slope:g}" if self.negative_slope else ""
+        return f"num_parameters={self.slope.numel()}{leaky}, mode={self.mode}"
+
+
+class ClippedFoldingActivation(LayerFoldingActivation):
+    """ReLU6's foldable form ``y = a*x + (1-a)*relu6(x)``: snaps to the identity (a = 1) or to ReLU6.
+
+    Snapped to 0 it exports as ``Clip(0, 6)``; snapped to 1 as a ``PRelu`` of slope 1, which
+    graphfold removes exactly. Unlike the ReLU form it is not the identity on ``x >= 0``.
+    """
+
+    def __init__(self, num_parameters: int = 1, init: float = 0.0) -> None:
+        super().__init__(num_parameters, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == _RELU:
+            return F.relu6(x)
+        if self.mode == _IDENTITY:
+            return F.prelu(x, self.slope)
+        return self.slope * x + (1 - self.slope) * F.relu6(x)
+
+    def extra_repr(self) -> str:
+        return f"num_parameters={self.slope.numel()}, clip=(0, 6), mode={self.mode}"
 
 
 def folding_activations(model: nn.Module) -> Iterator[tuple[str, LayerFoldingActivation]]:

@@ -18,13 +18,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from graphfold.train.layer_folding import LayerFoldingActivation
+from graphfold.train.layer_folding import ClippedFoldingActivation, LayerFoldingActivation
 
 __all__ = ["Residual", "residual_units"]
 
 
 def _identity_on_nonnegative(module: nn.Module) -> bool:
-    """ReLU, identity, and a ReLU-family Layer Folding activation all return x for x >= 0."""
+    """ReLU, identity, and a ReLU-family Layer Folding activation all return x for x >= 0 (ReLU6 does not)."""
+    if isinstance(module, ClippedFoldingActivation):
+        return False
     return isinstance(module, (nn.ReLU, nn.Identity, LayerFoldingActivation))
 
 
