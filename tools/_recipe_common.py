@@ -30,6 +30,7 @@ import graphfold  # noqa: E402
 from graphfold.bench import bench  # noqa: E402
 from graphfold.io import save_model  # noqa: E402
 from graphfold.train import DigitsSplit, evaluate, export_onnx, fit, load_digits_split  # noqa: E402
+from graphfold.train.compress import CompressResult, TrainOptions, compress  # noqa: E402
 from models.mobilenetv2 import mobilenetv2_small  # noqa: E402
 from models.resnet_cifar import resnet20, resnet56  # noqa: E402
 from models.vgg import vgg_small  # noqa: E402
@@ -51,6 +52,8 @@ def parser(name: str, description: str, epochs: int, arch: str | None) -> argpar
     p.add_argument("--rounds", type=int, default=30, help="latency rounds (default 30)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / name, help=f"output folder (default runs/{name})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--subset", type=int, default=None,
+                   help="use only the first N training images and N/2 validation and test images (smoke tests)")
     return p
 
 
@@ -61,7 +64,12 @@ def setup(args: argparse.Namespace, val_fraction: float = 0.0) -> DigitsSplit:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     args.started = (time.time(), time.process_time())
-    return load_digits_split(args.size, val_fraction)
+    data = load_digits_split(args.size, val_fraction)
+    if args.subset:
+        n, m = args.subset, max(1, args.subset // 2)
+        data = DigitsSplit(data.x_train[:n], data.y_train[:n], data.x_val[:m], data.y_val[:m],
+                           data.x_test[:m], data.y_test[:m])
+    return data
 
 
 def build(args: argparse.Namespace, **kwargs) -> nn.Module:
@@ -90,6 +98,17 @@ def train_baseline(data: DigitsSplit, args: argparse.Namespace) -> nn.Module:
     model = build(args)
     train(model, data, args, desc=f"baseline {args.arch}")
     return model
+
+
+def compress_run(method: str, model: nn.Module, data: DigitsSplit, args: argparse.Namespace,
+                 **kwargs) -> CompressResult:
+    """``graphfold.train.compress`` with the recipe's epochs, budget, learning rate, seed and progress.
+
+    The recipe folds the result itself (``fold_and_measure``), so compress only trains here.
+    """
+    options = TrainOptions(lr=args.lr, batch_size=BATCH, seed=args.seed, progress=not args.no_progress)
+    return compress(model, (data.x_train, data.y_train), (data.x_val, data.y_val), method, args.epochs,
+                    getattr(args, "budget", 1.0), options=options, fold=False, **kwargs)
 
 
 def onnx_accuracy(model: onnx.ModelProto, x: torch.Tensor, y: torch.Tensor) -> float:

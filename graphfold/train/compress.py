@@ -128,7 +128,7 @@ def _layer_folding(model: nn.Module, train: Data, val: Data, epochs: int, budget
                 after_step=lambda: clip_slopes(model))
     reference = evaluate(model, *val)
     stages.append(Stage("trained with slope regularizer", reference, first))
-    acts = sorted(folding_activations(model), key=lambda item: -float(item[1].slope.max()))
+    acts = sorted(folding_activations(model), key=lambda item: -float(item[1].slope.detach().max()))
     if random is None:
         chosen = choose_linear_activations(model, [name for name, _ in acts], val, reference - budget)
     else:

@@ -46,7 +46,9 @@ __all__ = ["ConversionError", "make_foldable"]
 
 RESIDUAL_METHODS = ("implosion", "epsilon", "fade")
 
-_LEAVES = (LayerFoldingActivation, Residual, EpsilonGate, PriorityScale, SkipWeight)
+# graphfold's Residual is traced through: its add is found like any other, so models built from it
+# (models/) convert too.
+_LEAVES = (LayerFoldingActivation, EpsilonGate, PriorityScale, SkipWeight)
 _RELU_FUNCTIONS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
 _RELU_METHODS = {"relu": False, "relu_": True}
 _UNSUPPORTED_MODULES = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU,
