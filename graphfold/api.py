@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -11,14 +11,13 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphfold.approx import ApproximateStage, ApproxOptions
-from graphfold.calibration import CalibrationSource, load_calibration
 from graphfold.engine import FoldContext, FoldOptions, run_pipeline
 from graphfold.errors import UsageError, ValidationError
 from graphfold.external import Spill, has_external_refs
 from graphfold.inputs import (ShapeMap, check_input_shapes, dynamic_inputs, fit_input_values, resolve_shapes,
                               shapes_text, value_shapes)
 from graphfold.io import load_model
+from graphfold.options import ApproxOptions
 from graphfold.passes import build_pipeline
 from graphfold.passes.cleanup import quiet_graphsurgeon
 from graphfold.refit import RefitOptions
@@ -26,6 +25,9 @@ from graphfold.report import Report
 from graphfold.shapes import infer_concrete, infer_static
 from graphfold.stats import model_stats
 from graphfold.validate import DEFAULT_RTOL, DEFAULT_SEEDS, ValidationResult, compare_models
+
+if TYPE_CHECKING:
+    from graphfold.calibration import CalibrationSource
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,10 @@ def _fold_approximate(original: onnx.ModelProto, report: Report, options: Approx
                       input_shapes: ShapeMap | None, progress, values: Mapping[str, np.ndarray]):
     """The exact pipeline plus the measured approximate stage; fills the report's approximate fields.
     Returns the model and the calibration data."""
+    # Imported here: an exact run needs none of the stage (calibration, measurement, onnxruntime).
+    from graphfold.approx import ApproximateStage
+    from graphfold.calibration import load_calibration
+
     data = load_calibration(calibration, original, labels=labels, input_shapes=input_shapes, input_values=values)
     report.calibration = data.info()
 
@@ -176,6 +182,7 @@ def _fold_refit(original: onnx.ModelProto, report: Report, options: ApproxOption
     if options.requested:
         raise UsageError("--refit does not combine with --snap-slope, --epsilon, --drop-branches or "
                          "--allow-border; run them separately")
+    from graphfold.calibration import load_calibration
     from graphfold.refit.stage import RefitStage  # heavy: only when asked for
 
     data = load_calibration(calibration, original, labels=labels, input_shapes=input_shapes, input_values=values)

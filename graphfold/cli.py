@@ -6,6 +6,8 @@ failed (nothing written), 2 usage error or bad input, 3 internal error.
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
@@ -371,9 +373,39 @@ def _reader_gone() -> int:
 def _quiet_onnxruntime() -> None:
     # The process is the CLI's: onnxruntime's global log (which the library leaves alone) would
     # add its own lines when graphsurgeon's constant-folding sessions meet a node they cannot run.
-    import onnxruntime
+    # Set when onnxruntime is first imported, not by importing it here: a run that opens no
+    # session (an exact --no-check fold with nothing to constant-fold) never loads it.
+    runtime = sys.modules.get("onnxruntime")
+    if runtime is not None:
+        runtime.set_default_logger_severity(4)
+    elif not any(isinstance(finder, _QuietOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietOnImport())
 
-    onnxruntime.set_default_logger_severity(4)
+
+class _QuietOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when onnxruntime is about to be imported, wraps its loader so that
+    the global log level is set right after the module has loaded, then steps aside."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "onnxruntime":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        module.set_default_logger_severity(4)
 
 
 SUBCOMMANDS = {"check": run_check, "inspect": run_inspect, "bench": run_bench}
