@@ -13,6 +13,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphfold.engine import FoldContext, FoldOptions, run_pipeline
 from graphfold.errors import UsageError, ValidationError
+from graphfold.exporter import export_model
 from graphfold.external import Spill, has_external_refs
 from graphfold.inputs import (ShapeMap, check_input_shapes, dynamic_inputs, fit_input_values, resolve_shapes,
                               shapes_text, value_shapes)
@@ -230,7 +231,7 @@ def check(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, *,
 def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """The folded graph as a model carrying the original's model-level fields."""
     _storable_strings(graph)
-    out = gs.export_onnx(graph, do_type_check=False)
+    out = export_model(graph)
     out.ir_version = original.ir_version
     del out.opset_import[:]
     out.opset_import.extend(original.opset_import)
