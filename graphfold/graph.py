@@ -207,7 +207,7 @@ def conv_attrs(params: ConvParams) -> dict:
 def make_conv(scope: NameScope, name: str, x: gs.Tensor, out: gs.Tensor, params: ConvParams,
               weight_dtype: np.dtype) -> gs.Node:
     """A Conv node computing ``params`` from ``x`` into ``out`` (bias omitted when it is zero)."""
-    inputs = [x, make_const(scope, f"{name}.weight", params.weight.astype(weight_dtype))]
+    inputs = [x, make_const(scope, f"{name}.weight", params.weight.astype(weight_dtype, copy=False))]
     if np.any(params.bias != 0):
         inputs.append(make_const(scope, f"{name}.bias", params.bias.astype(weight_dtype)))
     return gs.Node("Conv", scope.make(name), attrs=conv_attrs(params), inputs=inputs, outputs=[out])

@@ -58,6 +58,7 @@ __all__ = [
     "narrow",
     "output_spatial",
     "pad_kernel",
+    "parallel_shape",
     "scale_before_conv",
 ]
 
@@ -80,11 +81,24 @@ def narrow(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``values`` cast to the model's float type; a merge whose result does not fit is not made
     (float16 weights multiplied together overflow to inf)."""
     dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.floating) and values.size:
+    if not np.issubdtype(dtype, np.floating) or not values.size:
+        return values.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        narrowed = values.astype(dtype)
+    _check_finite(narrowed, values)
+    return narrowed
+
+
+def _check_finite(narrowed: np.ndarray, values: np.ndarray | None = None) -> None:
+    """Raise ``NotMergeable`` if a merged array holds inf or NaN: an overflow when it was cast
+    from the wider ``values``, else non-finite weights to begin with."""
+    # Any of them shows as a non-finite extreme: two passes, no temporary as large as the weights.
+    if not narrowed.size or (np.isfinite(narrowed.min()) and np.isfinite(narrowed.max())):
+        return
+    values = narrowed if values is None else values
+    with np.errstate(invalid="ignore"):
         largest = float(np.max(np.abs(values)))
-        if not np.isfinite(largest) or largest > float(np.finfo(dtype).max):
-            raise NotMergeable(f"the merged values (up to {largest:.3g}) overflow {dtype.name}")
-    return values.astype(dtype)
+    raise NotMergeable(f"the merged values (up to {largest:.3g}) overflow {narrowed.dtype.name}")
 
 
 def _per_channel(values: np.ndarray | float, count: int, name: str) -> np.ndarray:
@@ -363,13 +377,13 @@ def detect_groups(dense: np.ndarray) -> tuple[np.ndarray, int]:
     nonzero = np.any(dense != 0, axis=tuple(range(2, dense.ndim)))  # NaN counts as nonzero
     total = np.count_nonzero(nonzero)
     common = math.gcd(m, c)
-    for g in sorted((d for d in range(1, common + 1) if common % d == 0), reverse=True):
+    for g in sorted((d for d in range(2, common + 1) if common % d == 0), reverse=True):
         diag = np.arange(g)
         if np.count_nonzero(nonzero.reshape(g, m // g, g, c // g)[diag, :, diag]) != total:
             continue
         blocks = dense.reshape(g, m // g, g, c // g, *kernel)[diag, :, diag]
         return blocks.reshape(m, c // g, *kernel), g
-    raise AssertionError("unreachable: g = 1 always qualifies")
+    return dense, 1
 
 
 def pad_kernel(weight: np.ndarray, kernel_shape: Sequence[int]) -> np.ndarray:
@@ -580,7 +594,52 @@ def _parallel_geometry(
 
 
 def merge_parallel(branches: Sequence[ConvParams]) -> ConvParams:
-    """One conv equal to the sum of `branches` applied to the same input. Exact everywhere."""
+    """One conv equal to the sum of `branches` applied to the same input. Exact everywhere.
+
+    The branches are summed in the layout of the gcd of their groups (a conv with g groups is
+    also one with any divisor of g, with block-diagonal blocks), so a depthwise branch beside a
+    dense one is never expanded to a dense array. Each merged weight is its float64 sum rounded
+    once; where one branch alone covers the whole kernel (a 3x3 beside a 1x1 and an identity),
+    the sum is formed only over the taps the others reach and the rest is that branch's copy.
+    """
+    shape = parallel_shape(branches)
+    (_, kernel, _), windows = _parallel_geometry(branches)
+    group, dtype = shape.group, shape.weight.dtype
+    full = tuple(slice(0, size, 1) for size in kernel)
+    base = next((i for i, (b, w) in enumerate(zip(branches, windows))
+                 if b.group == group and tuple(w) == full), None)
+    if base is None:
+        merged = np.zeros(shape.weight.shape)
+        for b, window in zip(branches, windows):
+            _add_grouped(merged, group, b.weight, b.group, window)
+        merged = narrow(merged, dtype)
+    else:
+        merged = branches[base].weight.astype(dtype)  # a copy
+        others = [(b, w) for i, (b, w) in enumerate(zip(branches, windows)) if i != base]
+        if others:
+            # The taps the other branches reach: their bounding box, summed in float64 there.
+            box = tuple(slice(min(w[a].start for _, w in others), max(w[a].stop for _, w in others))
+                        for a in range(len(kernel)))
+            region = (slice(None), slice(None)) + box
+            total = merged[region].astype(np.float64)
+            for b, window in others:
+                moved = [slice(w.start - r.start, w.stop - r.start, w.step) for w, r in zip(window, box)]
+                _add_grouped(total, group, b.weight, b.group, moved)
+            merged[region] = narrow(total, dtype)
+        _check_finite(merged)
+    if len({b.group for b in branches}) > 1:
+        # A branch declared dense may still be block-diagonal (an identity written as a dense
+        # 1x1): keep the largest group the merged weights allow.
+        merged, group = detect_groups(merged if group == 1 else expand_groups(merged, group))
+    bias = np.sum([_f64(b.bias) for b in branches], axis=0)
+    return ConvParams(merged, narrow(bias, dtype), shape.strides, shape.dilations, shape.pads, group)
+
+
+def parallel_shape(branches: Sequence[ConvParams]) -> ConvParams:
+    """The conv ``merge_parallel`` returns, all zeros: its attributes and weight shape, from the
+    branches' shapes alone (the weights are not read, the zeros take no memory). Raises
+    ``NotMergeable`` as ``merge_parallel`` does. Its group is a lower bound when the branches'
+    groups differ (``merge_parallel`` may find block-diagonal weights)."""
     branches = list(branches)
     if not branches:
         raise ValueError("merge_parallel needs at least one branch")
@@ -595,17 +654,29 @@ def merge_parallel(branches: Sequence[ConvParams]) -> ConvParams:
                 f"channels differ: branch 0 maps {ref.in_channels}->{ref.out_channels}, "
                 f"branch {i} maps {b.in_channels}->{b.out_channels}"
             )
-    (dilations, kernel, pads), windows = _parallel_geometry(branches)
-    same_group = len({b.group for b in branches}) == 1
-    cols = ref.weight.shape[1] if same_group else ref.in_channels
-    merged = np.zeros((ref.out_channels, cols, *kernel))
-    for b, window in zip(branches, windows):
-        weight = _f64(b.weight) if same_group else expand_groups(_f64(b.weight), b.group)
-        merged[(slice(None), slice(None)) + tuple(window)] += weight
-    weight, group = (merged, ref.group) if same_group else detect_groups(merged)
-    bias = np.sum([_f64(b.bias) for b in branches], axis=0)
+    (dilations, kernel, pads), _ = _parallel_geometry(branches)
+    group = math.gcd(*(b.group for b in branches))
     dtype = _out_dtype(*(b.weight for b in branches))
-    return ConvParams(narrow(weight, dtype), narrow(bias, dtype), ref.strides, dilations, pads, group)
+    weight = np.broadcast_to(np.zeros((), dtype), (ref.out_channels, ref.in_channels // group, *kernel))
+    return ConvParams(weight, np.zeros(ref.out_channels, dtype), ref.strides, dilations, pads, group)
+
+
+def _add_grouped(merged: np.ndarray, group: int, weight: np.ndarray, weight_group: int,
+                 window: Sequence[slice]) -> None:
+    """merged[:, :, window] += weight, a conv of ``weight_group`` groups written into one of
+    ``group`` groups (a divisor): its blocks go on the diagonal of each of merged's groups."""
+    spatial = tuple(window)
+    if weight_group == group:
+        merged[(slice(None), slice(None)) + spatial] += weight  # cast to float64 on the fly
+        return
+    inner = weight_group // group  # blocks of ``weight`` inside each of merged's groups
+    m, cols = merged.shape[:2]
+    rows, width = m // weight_group, cols // inner
+    # [g, inner, rows, inner, width, *k]: weight's blocks sit at [:, d, :, d] for d < inner.
+    view = merged.reshape(group, inner, rows, inner, width, *merged.shape[2:])
+    diag = np.arange(inner)
+    blocks = weight.reshape(group, inner, rows, width, *weight.shape[2:]).swapaxes(0, 1)
+    view[(slice(None), diag, slice(None), diag, slice(None)) + spatial] += blocks
 
 
 def compose_matmul(

@@ -69,7 +69,9 @@ def overflow_reason(layer: gs.Node, scale: np.ndarray, shift: np.ndarray) -> str
         return "the affine map is not finite (a BatchNormalization with var + epsilon <= 0, or inf/NaN)"
     weights = [float_const(t) for t in layer.inputs[1:3] if t.name]
     limit = float(np.finfo(weights[0].dtype).max)
-    bound = max(float(np.max(np.abs(w), initial=0.0)) for w in weights) * float(np.max(np.abs(scale), initial=0.0))
+    # max(w) and -min(w), not max|w|: no temporary as large as the weight.
+    bound = max(max(float(w.max(initial=0.0)), -float(w.min(initial=0.0))) for w in weights) * \
+        float(np.max(np.abs(scale), initial=0.0))
     if bound + float(np.max(np.abs(shift), initial=0.0)) > limit:
         return f"folded weights could overflow {weights[0].dtype}"
     return None
@@ -125,7 +127,8 @@ def fold_affine(ctx: FoldContext, layer: gs.Node, scale: np.ndarray, shift: np.n
             op, attrs = "Gemm", {}  # a rank-2 MatMul with a bias is a Gemm
         else:
             new_bias = None
-    inputs = [layer.inputs[0], make_const(ctx.scope, f"{layer.name}.weight", new_weight.astype(weight.dtype))]
+    new_weight = new_weight.astype(weight.dtype, copy=False)  # a new array already: no second copy
+    inputs = [layer.inputs[0], make_const(ctx.scope, f"{layer.name}.weight", new_weight)]
     if new_bias is not None and (has_bias or np.any(new_bias != 0)):
         inputs.append(make_const(ctx.scope, f"{layer.name}.bias", new_bias.astype(weight.dtype)))
     # The folded layer replaces ``layer`` one for one, so it keeps its name.

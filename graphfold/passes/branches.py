@@ -119,29 +119,50 @@ class MergeParallelBranches(Pass):
                 t.params = kernels.identity_params(channels, (1,) * rank, convs[0].params.weight.dtype, group)
         if len({t.params.weight.dtype for t in terms}) != 1:
             return Reject("branches have different weight dtypes")
+        # Everything up to the cost decision needs only the merged conv's shape: its weights,
+        # the one heavy computation here, are summed only for a merge that will be made.
+        try:
+            shape_only = kernels.parallel_shape([t.params for t in terms])
+        except kernels.NotMergeable as exc:
+            return Reject(str(exc))
+        offset = self._constant_offset(ctx, match, shape_only)
+        if isinstance(offset, str):
+            return Reject(offset)
+        map_offset = offset is not None and offset.ndim > 1
+        reason = None if ctx.options.fold_all else self._cost_reason(ctx, match, terms, shape_only, map_offset)
+        # With mixed groups the shape's group is a lower bound (the weights may show more groups).
+        if reason and len({t.params.group for t in terms}) == 1:
+            return Reject(reason)
         try:
             merged = kernels.merge_parallel([t.params for t in terms])
         except kernels.NotMergeable as exc:
             return Reject(str(exc))
-        offset = self._constant_offset(ctx, match, merged)
-        if isinstance(offset, str):
-            return Reject(offset)
-        if offset is not None and offset.ndim == 1:
+        if reason and merged.group != shape_only.group:
+            reason = self._cost_reason(ctx, match, terms, merged, map_offset)
+        if reason:
+            return Reject(reason)
+        if offset is not None and not map_offset:
             # A per-channel constant is just more bias.
             merged = kernels.ConvParams(merged.weight, (merged.bias + offset).astype(merged.bias.dtype),
                                         merged.strides, merged.dilations, merged.pads, merged.group)
             offset = None
         match.data["merged"], match.data["offset"] = merged, offset
+        return Exact()
+
+    @staticmethod
+    def _cost_reason(ctx: FoldContext, match: Match, terms: list[Term], merged: kernels.ConvParams,
+                     map_offset: bool) -> str | None:
+        """Why the merge would not pay, or None; ``merged`` need only have the merged conv's shape."""
         shape = ctx.concrete_shape(terms[0].source)
         out_shape = ctx.concrete_shape(match.anchor.outputs[0])
         # A constant-map Add (say a border correction) is there before and after; it cannot fuse.
-        map_add = cost.elementwise_cost(out_shape, unfusable=True) if offset is not None else 0.0
+        map_add = cost.elementwise_cost(out_shape, unfusable=True) if map_offset else 0.0
         before = sum(cost.conv_cost(t.params, shape) for t in terms if t.node is not None) + map_add
-        before += (len(match.data["sums"]) - (offset is not None)) * cost.elementwise_cost(out_shape)
+        before += (len(match.data["sums"]) - map_offset) * cost.elementwise_cost(out_shape)
         after = cost.conv_cost(merged, shape) + map_add
-        if not ctx.options.fold_all and not cost.pays(before, after):
-            return Reject(f"merging does not pay ({cost.ratio_text(before, after)}); --fold-all merges anyway")
-        return Exact()
+        if cost.pays(before, after):
+            return None
+        return f"merging does not pay ({cost.ratio_text(before, after)}); --fold-all merges anyway"
 
     @staticmethod
     def _constant_offset(ctx: FoldContext, match: Match, merged: kernels.ConvParams) -> np.ndarray | str | None:

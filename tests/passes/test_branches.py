@@ -110,6 +110,33 @@ def test_fold_all_merges_what_does_not_pay():
     assert_folds(model, PARALLEL, 1, ["Conv"], fold_all=True)
 
 
+def test_a_merge_that_does_not_pay_is_declined_before_its_weights_are_summed(monkeypatch):
+    from graphfold import kernels
+
+    def no_weight_math(branches):
+        raise AssertionError("merged weights computed for a merge that is declined")
+
+    n = Net([1, 64, 32, 32])
+    n.conv("x", "a", 64, 64, [1, 3], pads=[0, 1, 0, 1])
+    n.conv("x", "b", 64, 64, [3, 1], pads=[1, 0, 1, 0])
+    n.op("Add", ["a", "b"], "y")
+    monkeypatch.setattr(kernels, "merge_parallel", no_weight_math)
+    assert_declines(n.model("y"), PARALLEL, "merging does not pay (estimated cost x1.34); --fold-all merges anyway")
+
+
+def test_mixed_groups_decide_on_the_merged_weights():
+    """A dense 1x1 that is really diagonal beside a depthwise 3x3 merges into a depthwise 3x3: the
+    shape alone (group 1, a dense 3x3) would not pay, the weights show that it does."""
+    n = Net([1, 16, 16, 16])
+    n.conv("x", "d", 16, 16, 3, group=16, pads=SAME)
+    diagonal = np.zeros((16, 16, 1, 1), np.float32)
+    diagonal[np.arange(16), np.arange(16), 0, 0] = np.linspace(0.5, 1.5, 16)
+    n.conv("x", "p", 16, 16, 1, weight=n.const("p.w", diagonal))
+    n.op("Add", ["d", "p"], "y")
+    folded, _ = assert_folds(n.model("y"), PARALLEL, 1, ["Conv"])
+    assert conv_attrs(folded)["group"] == 16
+
+
 # --- merge-parallel-branches: one test per decline reason -------------------------------------
 
 def test_declines_different_strides():
