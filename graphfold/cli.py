@@ -6,6 +6,7 @@ failed (nothing written), 2 usage error or bad input, 3 internal error.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.abc
 import importlib.util
 import logging
@@ -424,6 +425,10 @@ def _subcommand(argv: list[str]):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        # Run as the program, which owns the process: what the imports made lives to the end,
+        # so the cyclic collector (fold runs it to free graphsurgeon's graph) need not walk it.
+        gc.freeze()
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = "-q" in argv or "--quiet" in argv
     console = Console(quiet)
