@@ -1,17 +1,22 @@
 #!/usr/bin/env python
 """How fast graphfold and its peers optimize big models, against plain onnx.load + onnx.save.
 
-Builds synthetic ResNet-style models in a temp dir (no downloads): about 100 MB by default and,
-with --big, one over the 2 GB protobuf limit stored with external data. Each optimizer then runs
-file-to-file in its own subprocess, so its peak RSS is its own (VmHWM; "extra" is the peak above
-what the process held after its imports: what the model cost) and a crash or hang is recorded,
-not fatal.
-Times cover load, optimize and save, not the Python imports.
+By default, whole programs side by side, each run in a fresh process as a user runs it
+(interpreter start, imports, load, optimize, save): plain load+save, ``graphfold --no-check``,
+``graphfold`` with its validation, onnxsim, onnxslim and onnxruntime's offline optimizer, on
+RepVGG models of about 40 MB and 400 MB built here (no downloads). Runs are repeated and
+interleaved; wall time (min and median), CPU time and peak RSS (the child's own VmHWM) are
+reported, with the machine's load. A tool that is not installed or fails gets its error in
+the table.
 
-    python tools/speed_benchmark.py            # ~100 MB model, every optimizer
-    python tools/speed_benchmark.py --big      # adds a > 2 GB model (needs ~3x its size in RAM)
+    python tools/speed_benchmark.py                                # both models, 5 rounds
+    python tools/speed_benchmark.py --cases repvgg-40MB --repeats 9 --markdown docs/benchmarks.md
+    python tools/speed_benchmark.py --baseline-repo /path/to/older/checkout   # before and after
+    python tools/speed_benchmark.py --in-process [--big]          # the older in-process timing
 
-tools/peer_benchmark.py imports the model builder and the optimizer runners from here.
+``--in-process`` times load, optimize and save inside one worker process per tool (imports not
+counted) on a ~100 MB ResNet and, with --big, a > 2 GB one with external data.
+tools/peer_benchmark.py imports the model builders and the in-process runners from here.
 """
 from __future__ import annotations
 
@@ -340,30 +345,278 @@ def format_speed_table(records: list[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- whole runs, a fresh process each
+
+def build_repvgg(path: str, widths: tuple[int, ...], blocks: tuple[int, ...], input_size: int = 224,
+                 seed: int = 0) -> str:
+    """RepVGG as trained: relu(BN(conv3x3 x) + BN(conv1x1 x) [+ BN(x)]), the identity branch where
+    shapes allow; the first block of each stage has stride 2. Saved to ``path``."""
+    net = NetBuilder(WeightSink(), seed)
+    x, c_in = "input", 3
+    for width, count in zip(widths, blocks):
+        for block in range(count):
+            stride = 2 if block == 0 else 1
+            total = net.op("Add", [net.bn(net.conv(x, c_in, width, 3, stride), width),
+                                   net.bn(net.conv(x, c_in, width, 1, stride), width)])
+            if stride == 1 and c_in == width:
+                total = net.op("Add", [total, net.bn(x, width)])
+            x, c_in = net.op("Relu", [total]), width
+    onnx.save_model(net.model(net.head(x, c_in), [1, CLASSES], "repvgg", input_size), path)
+    return path
+
+
+# RepVGG-A layouts (five stages, 224 -> 7) of about 40 MB (A0 with wider last stages) and 400 MB,
+# both under the protobuf limit.
+PROCESS_CASES = {
+    "repvgg-40MB": dict(widths=(48, 48, 96, 224, 1024), blocks=(1, 2, 4, 14, 1)),
+    "repvgg-400MB": dict(widths=(64, 64, 256, 640, 1792), blocks=(1, 2, 4, 14, 2)),
+}
+
+# Each tool as a whole program: interpreter start, imports, load, optimize, save. A prelude makes
+# the child report its own peak RSS (VmHWM) as it exits: ru_maxrss from wait4 would include the
+# parent's RSS at fork.
+_PRELUDE = """import atexit, os
+def _peak():
+    with open('/proc/self/status') as status:
+        kb = [line.split()[1] for line in status if line.startswith('VmHWM:')]
+    os.write(2, ('\\nVmHWM_KB ' + (kb[0] if kb else '0') + '\\n').encode())
+atexit.register(_peak)
+"""
+_GRAPHFOLD_CLI = "import sys\nfrom graphfold.cli import main\nsys.exit(main())\n"  # as the console script
+PROGRAMS: dict[str, tuple[str, Callable[[str, str], list[str]]]] = {
+    "load+save": ("import sys, onnx\nonnx.save_model(onnx.load(sys.argv[1]), sys.argv[2])\n",
+                  lambda src, dst: [src, dst]),
+    "graphfold-no-check": (_GRAPHFOLD_CLI, lambda src, dst: [src, "-o", dst, "--no-check", "-q"]),
+    "graphfold": (_GRAPHFOLD_CLI, lambda src, dst: [src, "-o", dst, "-q"]),
+    # Path to path is onnxsim's large-model route; check_n=0 (its default): no output check.
+    "onnxsim": ("import sys, onnxsim\nonnxsim.simplify(sys.argv[1], output_path=sys.argv[2])\n",
+                lambda src, dst: [src, dst]),
+    "onnxslim": ("import sys, onnx, onnxslim\nonnx.save_model(onnxslim.slim(onnx.load(sys.argv[1])), sys.argv[2])\n",
+                 lambda src, dst: [src, dst]),
+    "ort-offline": ("import sys, onnxruntime as ort\n"
+                    "options = ort.SessionOptions()\n"
+                    "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED\n"
+                    "options.optimized_model_filepath = sys.argv[2]\n"
+                    "ort.InferenceSession(sys.argv[1], options, providers=['CPUExecutionProvider'])\n",
+                    lambda src, dst: [src, dst]),
+}
+
+
+@dataclass
+class ProcessRun:
+    """One whole-program run: wall and CPU seconds, peak RSS, or the failure."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+    peak_rss_mb: float = 0.0
+    error: str | None = None
+
+
+def run_program(tool: str, src: str, dst: str, repo: str = REPO, timeout: float = 1800.0) -> ProcessRun:
+    """``tool`` on ``src`` -> ``dst`` as a fresh interpreter; graphfold comes from ``repo``."""
+    body, args = PROGRAMS[tool]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryFile() as stderr:
+        start = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", _PRELUDE + body, *args(src, dst)],
+                                 stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        try:
+            _, status, usage = _wait4(child, timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            return ProcessRun(error=f"timed out after {timeout:.0f} s")
+        wall = time.perf_counter() - start
+        stderr.seek(0)
+        lines = stderr.read().decode(errors="replace").splitlines()
+    peaks = [line.split()[1] for line in lines if line.startswith("VmHWM_KB ")]
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or not peaks:
+        messages = [line for line in lines if line.strip() and not line.startswith("VmHWM_KB ")]
+        return ProcessRun(error=(messages[-1] if messages else f"exit code {code}")[:200])
+    return ProcessRun(wall, usage.ru_utime + usage.ru_stime, int(peaks[-1]) / 1024)
+
+
+def _wait4(child: subprocess.Popen, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return pid, status, usage
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(child.args, timeout)
+        time.sleep(0.005)
+
+
+BASELINE = " (baseline)"  # suffix of a graphfold row taken from --baseline-repo
+
+
+def compare_programs(src: str, folder: str, tools: list[str], repeats: int, repo: str = REPO,
+                     timeout: float = 1800.0, progress: Callable[[str], None] | None = None,
+                     baseline_repo: str | None = None) -> dict[str, list[ProcessRun]]:
+    """Every tool ``repeats`` times on ``src``, interleaved (round r runs each tool once, in an
+    order rotated by r) so that load on a shared machine falls on all of them alike. A tool
+    named with the ``BASELINE`` suffix runs graphfold from ``baseline_repo``. An untimed
+    load+save and a byte-compilation of graphfold come first, so no run pays for a cold cache."""
+    runs: dict[str, list[ProcessRun]] = {tool: [] for tool in tools}
+    for folder_ in filter(None, [repo, baseline_repo]):
+        subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(folder_, "graphfold")],
+                       capture_output=True)
+    run_program("load+save", src, os.path.join(folder, "warmup.onnx"), repo, timeout)
+    for round_index in range(repeats):
+        order = tools[round_index % len(tools):] + tools[:round_index % len(tools)]
+        for tool in order:
+            dst = os.path.join(folder, "out.onnx")
+            program, source = (tool[:-len(BASELINE)], baseline_repo) if tool.endswith(BASELINE) else (tool, repo)
+            runs[tool].append(run_program(program, src, dst, source, timeout))
+            if progress:
+                progress(f"round {round_index + 1}/{repeats} {tool}: {runs[tool][-1].wall:.2f} s")
+            if os.path.exists(dst):
+                os.remove(dst)
+    return runs
+
+
+PROCESS_HEADER = ["tool", "wall min s", "wall median s", "x load+save (min)", "CPU min s",
+                  "peak RSS MB (max)", "x load+save"]
+
+
+def program_rows(runs: dict[str, list[ProcessRun]]) -> list[list[str]]:
+    """Table cells, ratios to load+save; a tool that failed in any run shows its failure."""
+    def stats(tool):
+        good = [r for r in runs[tool] if r.error is None]
+        if len(good) < len(runs[tool]) or not good:
+            return None
+        walls = [r.wall for r in good]
+        return min(walls), statistics.median(walls), min(r.cpu for r in good), max(r.peak_rss_mb for r in good)
+
+    base = stats("load+save") if "load+save" in runs else None
+    rows = []
+    for tool in runs:
+        figures = stats(tool)
+        if figures is None:
+            rows.append([tool, "FAILED: " + next(r.error for r in runs[tool] if r.error)])
+            continue
+        wall_min, wall_median, cpu_min, peak = figures
+        rows.append([tool, f"{wall_min:.2f}", f"{wall_median:.2f}",
+                     f"{wall_min / base[0]:.2f}" if base else "-", f"{cpu_min:.2f}", f"{peak:.0f}",
+                     f"{peak / base[3]:.2f}" if base else "-"])
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for cells in rows:
+        lines.append("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
+    return lines
+
+
+def machine_note() -> str:
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{os.cpu_count()} CPUs, load average {load} (1/5/15 min) when the case ended"
+
+
+def run_process_cases(args: argparse.Namespace, folder: str) -> list[str]:
+    """The whole-program comparison of each case: prints each table, returns the markdown section."""
+    section = [MARK_BEGIN, f"## {SECTION_TITLE}", "",
+               "Each tool as a whole program in a fresh process, file to file: interpreter start, imports, "
+               "load, optimize, save, as a user runs it (`graphfold IN -o OUT`). Runs are interleaved, "
+               f"{args.repeats} per tool, the order rotating each round; the minimum is the figure to compare "
+               "on a shared machine (median beside it), CPU is user + system time. Peak RSS is the process's "
+               "own high-water mark (VmHWM), the largest over the runs. graphfold runs with and without its "
+               "validation; onnxsim (path to path, no check), onnxslim and onnxruntime's offline optimizer "
+               "(ORT_ENABLE_EXTENDED, `optimized_model_filepath`) as their Python APIs run them.", "",
+               f"Produced by `python tools/speed_benchmark.py --repeats {args.repeats} --markdown "
+               "docs/benchmarks.md`.", ""]
+    for case in args.cases:
+        src = os.path.join(folder, f"{case}.onnx")
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--build", case, src], check=True)
+        size = os.path.getsize(src)
+        progress = (lambda text: print(f"  {text}", file=sys.stderr, flush=True)) if args.verbose else None
+        tools = ["load+save"] + args.tools
+        if args.baseline_repo:
+            tools += [t + BASELINE for t in args.tools if t.startswith("graphfold")]
+        runs = compare_programs(src, folder, tools, args.repeats, args.graphfold_repo, args.timeout, progress,
+                                args.baseline_repo)
+        note = machine_note()
+        print(f"\n{case}: {size / 2**20:.0f} MiB, {note}")
+        rows = program_rows(runs)
+        print(format_rows(PROCESS_HEADER, rows), flush=True)
+        section += [f"### {case}: {size / 2**20:.0f} MiB", "", f"{note}.", ""]
+        section += markdown_table(PROCESS_HEADER, rows) + [""]
+        os.remove(src)
+    return section + [MARK_END]
+
+
+MARK_BEGIN, MARK_END = "<!-- speed_benchmark: begin -->", "<!-- speed_benchmark: end -->"
+SECTION_TITLE = "graphfold's own speed: whole runs against load+save and the peers"
+
+
+def write_section(path: str, section: list[str]) -> None:
+    """Replace this tool's marked section of ``path`` (appended when absent); the rest stays."""
+    text = open(path).read() if os.path.exists(path) else ""
+    block = "\n".join(section)
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def format_rows(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cells[i])) for cells in [header] + rows if i < len(cells) and len(cells) > 2)
+              for i in range(len(header))]
+    lines = []
+    for cells in [header] + rows:
+        if len(cells) == 2:  # a failure
+            lines.append(f"{cells[0]:<{widths[0]}}  {cells[1]}")
+            continue
+        lines.append("  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--big", action="store_true", help="also benchmark a > 2 GB model with external data")
-    parser.add_argument("--tools", nargs="+", choices=list(OPTIMIZERS)[1:], default=list(OPTIMIZERS)[1:],
-                        help="optimizers to run (load+save always runs, as the baseline)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per tool; the median is reported")
+    parser.add_argument("--cases", nargs="+", choices=list(PROCESS_CASES), default=list(PROCESS_CASES),
+                        help="models for the whole-program comparison (default: all)")
+    parser.add_argument("--tools", nargs="+", choices=list(PROGRAMS)[1:], default=list(PROGRAMS)[1:],
+                        help="programs to run (load+save always runs, as the baseline)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per tool (default 5)")
+    parser.add_argument("--graphfold-repo", default=REPO, metavar="DIR",
+                        help="take graphfold from this checkout (to compare two versions; default this one)")
+    parser.add_argument("--baseline-repo", metavar="DIR",
+                        help="also run graphfold from this checkout, rows marked (baseline): before and after")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables into FILE's own section")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the older in-process timing instead (imports not counted) on a ~100 MB ResNet")
+    parser.add_argument("--big", action="store_true", help="with --in-process: add a > 2 GB model")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per tool run")
     parser.add_argument("--keep", metavar="DIR", help="build models and outputs in DIR and keep them")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each run as it ends")
     args = parser.parse_args(argv)
 
-    cases = ["resnet-100MB"] + (["resnet-2GB"] if args.big else [])
     with tempfile.TemporaryDirectory(prefix="graphfold-speed-") as scratch:
         folder = args.keep or scratch
         os.makedirs(folder, exist_ok=True)
-        for name in cases:
-            size, records = run_speed_case(name, folder, args.tools, args.repeats, args.timeout,
-                                           keep=bool(args.keep))
+        if not args.in_process:
+            section = run_process_cases(args, folder)
+            if args.markdown:
+                write_section(args.markdown, section)
+            return 0
+        tools = [t for t in args.tools if t in OPTIMIZERS] or list(OPTIMIZERS)[1:]
+        for name in ["resnet-100MB"] + (["resnet-2GB"] if args.big else []):
+            size, records = run_speed_case(name, folder, tools, 1, args.timeout, keep=bool(args.keep))
             print(f"\n{name}: {size / 2**20:.0f} MiB on disk, {os.cpu_count()} CPUs")
             print(format_speed_table(records), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    if len(sys.argv) > 1 and sys.argv[1] == "--build":
+        build_repvgg(sys.argv[3], **PROCESS_CASES[sys.argv[2]])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker = argparse.ArgumentParser()
         worker.add_argument("--worker", dest="tool")
         worker.add_argument("src")

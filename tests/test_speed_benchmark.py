@@ -1,0 +1,51 @@
+"""tools/speed_benchmark.py's whole-program runs: what a fresh process reports, how the table
+reads, and that its markdown section leaves the rest of the page alone."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import speed_benchmark as speed  # noqa: E402
+
+SAMPLE = os.path.join(REPO, "models", "repvgg_small.onnx")
+
+
+def test_fresh_process_reports_its_own_time_and_memory(tmp_path):
+    out = tmp_path / "out.onnx"
+    run = speed.run_program("graphfold-no-check", SAMPLE, str(out))
+    assert run.error is None and out.exists()
+    assert run.wall > 0 and run.cpu > 0
+    # Its own high-water mark: python with onnx and numpy loaded, not this test process's.
+    assert 20 < run.peak_rss_mb < 2000
+
+
+def test_a_failing_tool_reports_its_last_error_line(tmp_path):
+    run = speed.run_program("load+save", str(tmp_path / "missing.onnx"), str(tmp_path / "out.onnx"))
+    assert run.error is not None and "missing.onnx" in run.error
+
+
+def test_rows_give_ratios_to_load_save_and_failures_in_one_cell():
+    runs = {"load+save": [speed.ProcessRun(2.0, 1.0, 100.0), speed.ProcessRun(1.0, 0.5, 110.0)],
+            "graphfold": [speed.ProcessRun(1.5, 0.8, 200.0), speed.ProcessRun(3.0, 0.9, 220.0)],
+            "onnxsim": [speed.ProcessRun(error="ModuleNotFoundError: No module named 'onnxsim'")]}
+    rows = speed.program_rows(runs)
+    assert rows[0][1:] == ["1.00", "1.50", "1.00", "0.50", "110", "1.00"]
+    assert rows[1][1:] == ["1.50", "2.25", "1.50", "0.80", "220", "2.00"]
+    assert rows[2] == ["onnxsim", "FAILED: ModuleNotFoundError: No module named 'onnxsim'"]
+
+
+@pytest.mark.parametrize("existing", ["", "# Page\n\nintro\n", "# Page\n\n{section}\n\n## Later\n"])
+def test_markdown_section_replaces_only_itself(tmp_path, existing):
+    page = tmp_path / "benchmarks.md"
+    old = "\n".join([speed.MARK_BEGIN, "old table", speed.MARK_END])
+    page.write_text(existing.format(section=old))
+    speed.write_section(str(page), [speed.MARK_BEGIN, "new table", speed.MARK_END])
+    text = page.read_text()
+    assert "new table" in text and "old table" not in text
+    assert text.count(speed.MARK_BEGIN) == 1
+    for kept in ("intro", "## Later"):
+        assert (kept in text) == (kept in existing)
