@@ -49,3 +49,23 @@ def test_markdown_section_replaces_only_itself(tmp_path, existing):
     assert text.count(speed.MARK_BEGIN) == 1
     for kept in ("intro", "## Later"):
         assert (kept in text) == (kept in existing)
+
+
+def test_a_page_rewritten_by_another_tool_gets_the_section_back(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Old page\n\n" + "\n".join([speed.MARK_BEGIN, "speed table", speed.MARK_END]) + "\n")
+    previous = page.read_text()
+    page.write_text("# New page\n")  # what peer_benchmark writes
+    speed.keep_section(str(page), previous)
+    text = page.read_text()
+    assert text.startswith("# New page") and "speed table" in text and text.count(speed.MARK_END) == 1
+
+
+def test_graphfold_comes_from_the_repo_asked_for(tmp_path):
+    """A baseline checkout must not be shadowed by the one the benchmark is started from."""
+    fake = tmp_path / "fake" / "graphfold"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cli.py").write_text("import sys\ndef main(argv=None):\n    sys.exit('fake graphfold ran')\n")
+    run = speed.run_program("graphfold-no-check", SAMPLE, str(tmp_path / "out.onnx"), repo=str(tmp_path / "fake"))
+    assert run.error == "fake graphfold ran"

@@ -418,8 +418,11 @@ def run_program(tool: str, src: str, dst: str, repo: str = REPO, timeout: float 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
+        # Run from the output's folder: python -c puts the working directory first on the path,
+        # where a checkout's own graphfold would shadow ``repo``'s.
         child = subprocess.Popen([sys.executable, "-c", _PRELUDE + body, *args(src, dst)],
-                                 stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+                                 stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+                                 cwd=os.path.dirname(os.path.abspath(dst)))
         try:
             _, status, usage = _wait4(child, timeout)
         except subprocess.TimeoutExpired:
@@ -563,6 +566,13 @@ def write_section(path: str, section: list[str]) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     with open(path, "w") as handle:
         handle.write(text)
+
+
+def keep_section(path: str, previous: str) -> None:
+    """Put back this tool's section from ``previous`` text of ``path`` (another tool rewrote it)."""
+    if MARK_BEGIN in previous and MARK_END in previous:
+        block = MARK_BEGIN + previous.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0] + MARK_END
+        write_section(path, block.splitlines())
 
 
 def format_rows(header: list[str], rows: list[list[str]]) -> str:
