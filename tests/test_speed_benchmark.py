@@ -69,3 +69,15 @@ def test_graphfold_comes_from_the_repo_asked_for(tmp_path):
     (fake / "cli.py").write_text("import sys\ndef main(argv=None):\n    sys.exit('fake graphfold ran')\n")
     run = speed.run_program("graphfold-no-check", SAMPLE, str(tmp_path / "out.onnx"), repo=str(tmp_path / "fake"))
     assert run.error == "fake graphfold ran"
+
+
+def test_a_run_of_one_case_keeps_the_other_cases_tables(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    first = [speed.MARK_BEGIN, "## Title", "", "intro", "", "### repvgg-40MB: 36 MiB", "", "table 40", "",
+             "### repvgg-400MB: 385 MiB", "", "table 400 old", "", speed.MARK_END]
+    speed.write_section(str(page), first)
+    speed.write_section(str(page), [speed.MARK_BEGIN, "## Title", "", "intro", "", "### repvgg-400MB: 385 MiB", "",
+                                    "table 400 new", "", speed.MARK_END])
+    text = page.read_text()
+    assert "table 40\n" in text and "table 400 new" in text and "table 400 old" not in text
+    assert text.index("repvgg-40MB") < text.index("repvgg-400MB")

@@ -12,10 +12,10 @@ the table.
     python tools/speed_benchmark.py                                # both models, 5 rounds
     python tools/speed_benchmark.py --cases repvgg-40MB --repeats 9 --markdown docs/benchmarks.md
     python tools/speed_benchmark.py --baseline-repo /path/to/older/checkout   # before and after
-    python tools/speed_benchmark.py --in-process [--big]          # the older in-process timing
+    python tools/speed_benchmark.py --in-process | --big          # the older in-process timing
 
 ``--in-process`` times load, optimize and save inside one worker process per tool (imports not
-counted) on a ~100 MB ResNet and, with --big, a > 2 GB one with external data.
+counted) on a ~100 MB ResNet; ``--big`` adds a > 2 GB one with external data.
 tools/peer_benchmark.py imports the model builders and the in-process runners from here.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -523,14 +524,13 @@ def run_process_cases(args: argparse.Namespace, folder: str) -> list[str]:
     """The whole-program comparison of each case: prints each table, returns the markdown section."""
     section = [MARK_BEGIN, f"## {SECTION_TITLE}", "",
                "Each tool as a whole program in a fresh process, file to file: interpreter start, imports, "
-               "load, optimize, save, as a user runs it (`graphfold IN -o OUT`). Runs are interleaved, "
-               f"{args.repeats} per tool, the order rotating each round; the minimum is the figure to compare "
-               "on a shared machine (median beside it), CPU is user + system time. Peak RSS is the process's "
-               "own high-water mark (VmHWM), the largest over the runs. graphfold runs with and without its "
+               "load, optimize, save, as a user runs it (`graphfold IN -o OUT`). Runs are interleaved, the "
+               "order rotating each round; on a shared machine the minimum is the figure to compare (median "
+               "beside it), and CPU (user + system) is the steadier one. Peak RSS is the process's own "
+               "high-water mark (VmHWM), the largest over the runs. graphfold runs with and without its "
                "validation; onnxsim (path to path, no check), onnxslim and onnxruntime's offline optimizer "
-               "(ORT_ENABLE_EXTENDED, `optimized_model_filepath`) as their Python APIs run them.", "",
-               f"Produced by `python tools/speed_benchmark.py --repeats {args.repeats} --markdown "
-               "docs/benchmarks.md`.", ""]
+               "(ORT_ENABLE_EXTENDED, `optimized_model_filepath`) as their Python APIs run them. Rows marked "
+               "(baseline) are graphfold from another checkout (`--baseline-repo`): before and after.", ""]
     for case in args.cases:
         src = os.path.join(folder, f"{case}.onnx")
         subprocess.run([sys.executable, os.path.abspath(__file__), "--build", case, src], check=True)
@@ -545,7 +545,8 @@ def run_process_cases(args: argparse.Namespace, folder: str) -> list[str]:
         print(f"\n{case}: {size / 2**20:.0f} MiB, {note}")
         rows = program_rows(runs)
         print(format_rows(PROCESS_HEADER, rows), flush=True)
-        section += [f"### {case}: {size / 2**20:.0f} MiB", "", f"{note}.", ""]
+        section += [f"### {case}: {size / 2**20:.0f} MiB", "",
+                    f"{args.repeats} runs per tool; {note}. Produced by `{args.command}`.", ""]
         section += markdown_table(PROCESS_HEADER, rows) + [""]
         os.remove(src)
     return section + [MARK_END]
@@ -556,16 +557,29 @@ SECTION_TITLE = "graphfold's own speed: whole runs against load+save and the pee
 
 
 def write_section(path: str, section: list[str]) -> None:
-    """Replace this tool's marked section of ``path`` (appended when absent); the rest stays."""
+    """Replace this tool's marked section of ``path`` (appended when absent); the rest of the page
+    stays, and so do the cases of the old section that this run did not measure."""
     text = open(path).read() if os.path.exists(path) else ""
-    block = "\n".join(section)
-    if MARK_BEGIN in text and MARK_END in text:
+    old = text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0] if MARK_BEGIN in text and MARK_END in text else ""
+    intro, cases = _case_blocks("\n".join(line for line in section if line not in (MARK_BEGIN, MARK_END)))
+    _, old_cases = _case_blocks(old)
+    merged = {**old_cases, **cases}
+    order = [c for c in PROCESS_CASES if c in merged] + [c for c in merged if c not in PROCESS_CASES]
+    block = "\n".join([MARK_BEGIN, intro.rstrip("\n"), ""] + [merged[c].rstrip("\n") + "\n" for c in order]
+                      + [MARK_END])
+    if old or MARK_BEGIN in text:
         head, rest = text.split(MARK_BEGIN, 1)
         text = head + block + rest.split(MARK_END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     with open(path, "w") as handle:
         handle.write(text)
+
+
+def _case_blocks(section: str) -> tuple[str, dict[str, str]]:
+    """A section's text before its first case, and each case's block keyed by the case name."""
+    parts = section.split("\n### ")
+    return parts[0], {part.split(":", 1)[0].strip(): "### " + part for part in parts[1:]}
 
 
 def keep_section(path: str, previous: str) -> None:
@@ -601,16 +615,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="FILE", help="write the tables into FILE's own section")
     parser.add_argument("--in-process", action="store_true",
                         help="the older in-process timing instead (imports not counted) on a ~100 MB ResNet")
-    parser.add_argument("--big", action="store_true", help="with --in-process: add a > 2 GB model")
+    parser.add_argument("--big", action="store_true", help="the in-process timing with a > 2 GB model added")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per tool run")
     parser.add_argument("--keep", metavar="DIR", help="build models and outputs in DIR and keep them")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each run as it ends")
     args = parser.parse_args(argv)
+    args.command = " ".join(["python tools/speed_benchmark.py"] + [shlex.quote(a) for a in
+                                                                   (sys.argv[1:] if argv is None else argv)])
 
     with tempfile.TemporaryDirectory(prefix="graphfold-speed-") as scratch:
         folder = args.keep or scratch
         os.makedirs(folder, exist_ok=True)
-        if not args.in_process:
+        if not (args.in_process or args.big):
             section = run_process_cases(args, folder)
             if args.markdown:
                 write_section(args.markdown, section)
