@@ -51,14 +51,16 @@ def test_markdown_section_replaces_only_itself(tmp_path, existing):
         assert (kept in text) == (kept in existing)
 
 
-def test_a_page_rewritten_by_another_tool_gets_the_section_back(tmp_path):
+def test_a_new_section_goes_where_peer_benchmark_keeps_it(tmp_path):
     page = tmp_path / "benchmarks.md"
-    page.write_text("# Old page\n\n" + "\n".join([speed.MARK_BEGIN, "speed table", speed.MARK_END]) + "\n")
-    previous = page.read_text()
-    page.write_text("# New page\n")  # what peer_benchmark writes
-    speed.keep_section(str(page), previous)
+    page.write_text("# Page\n\n" + speed.KEPT[0] + "\n\nkept text\n\n" + speed.KEPT[1] + "\n\n## Later\n")
+    speed.write_section(str(page), [speed.MARK_BEGIN, "new table", speed.MARK_END])
     text = page.read_text()
-    assert text.startswith("# New page") and "speed table" in text and text.count(speed.MARK_END) == 1
+    assert text.index("kept text") < text.index("new table") < text.index(speed.KEPT[1]) < text.index("## Later")
+    page.write_text("# Page\n")
+    speed.write_section(str(page), [speed.MARK_BEGIN, "new table", speed.MARK_END])
+    text = page.read_text()
+    assert text.index(speed.KEPT[0]) < text.index("new table") < text.index(speed.KEPT[1])
 
 
 def test_graphfold_comes_from_the_repo_asked_for(tmp_path):

@@ -553,12 +553,14 @@ def run_process_cases(args: argparse.Namespace, folder: str) -> list[str]:
 
 
 MARK_BEGIN, MARK_END = "<!-- speed_benchmark: begin -->", "<!-- speed_benchmark: end -->"
+# tools/peer_benchmark.py regenerates the page but keeps what lies between these: the section goes there.
+KEPT = ("<!-- kept by peer_benchmark.py -->", "<!-- /kept by peer_benchmark.py -->")
 SECTION_TITLE = "graphfold's own speed: whole runs against load+save and the peers"
 
 
 def write_section(path: str, section: list[str]) -> None:
-    """Replace this tool's marked section of ``path`` (appended when absent); the rest of the page
-    stays, and so do the cases of the old section that this run did not measure."""
+    """Replace this tool's marked section of ``path`` (new, it goes in the part peer_benchmark keeps);
+    the rest of the page stays, and so do the cases of the old section that this run did not measure."""
     text = open(path).read() if os.path.exists(path) else ""
     old = text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0] if MARK_BEGIN in text and MARK_END in text else ""
     intro, cases = _case_blocks("\n".join(line for line in section if line not in (MARK_BEGIN, MARK_END)))
@@ -570,8 +572,11 @@ def write_section(path: str, section: list[str]) -> None:
     if old or MARK_BEGIN in text:
         head, rest = text.split(MARK_BEGIN, 1)
         text = head + block + rest.split(MARK_END, 1)[1]
+    elif KEPT[1] in text:
+        head, rest = text.split(KEPT[1], 1)
+        text = head.rstrip("\n") + "\n\n" + block + "\n\n" + KEPT[1] + rest
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n" + "\n\n".join([KEPT[0], block, KEPT[1]]) + "\n"
     with open(path, "w") as handle:
         handle.write(text)
 
@@ -580,13 +585,6 @@ def _case_blocks(section: str) -> tuple[str, dict[str, str]]:
     """A section's text before its first case, and each case's block keyed by the case name."""
     parts = section.split("\n### ")
     return parts[0], {part.split(":", 1)[0].strip(): "### " + part for part in parts[1:]}
-
-
-def keep_section(path: str, previous: str) -> None:
-    """Put back this tool's section from ``previous`` text of ``path`` (another tool rewrote it)."""
-    if MARK_BEGIN in previous and MARK_END in previous:
-        block = MARK_BEGIN + previous.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0] + MARK_END
-        write_section(path, block.splitlines())
 
 
 def format_rows(header: list[str], rows: list[list[str]]) -> str:
