@@ -301,14 +301,18 @@ def test_check_bad_input(work, capsys):
     assert_one_error_line(err, "no such file")
 
 
-def test_inspect_shows_declines_with_reasons(work, capsys):
+def sample_with_a_bn_stat_input() -> onnx.ModelProto:
+    """The sample with its stem BN's mean as a run-time input: that BN cannot fold."""
     model = onnx.load(SAMPLE)
-    # The stem BN's mean as a run-time input: that BN cannot fold, and inspect says why.
     mean = next(n for n in model.graph.node if n.op_type == "BatchNormalization").input[3]
     init = next(i for i in model.graph.initializer if i.name == mean)
     model.graph.input.append(onnx.helper.make_tensor_value_info(mean, init.data_type, list(init.dims)))
     model.graph.initializer.remove(init)
-    onnx.save(model, str(work / "stats_input.onnx"))
+    return model
+
+
+def test_inspect_shows_declines_with_reasons(work, capsys):
+    onnx.save(sample_with_a_bn_stat_input(), str(work / "stats_input.onnx"))
     code, out, _ = run(capsys, "inspect", work / "stats_input.onnx")
     assert code == 0
     assert "foldable (" in out and "left alone (" in out
@@ -382,11 +386,7 @@ def test_global_options_work_before_a_subcommand(work, capsys):
 
 
 def test_inspect_names_unnamed_nodes_by_op_and_index(work, capsys):
-    model = onnx.load(SAMPLE)
-    mean = next(n for n in model.graph.node if n.op_type == "BatchNormalization").input[3]
-    init = next(i for i in model.graph.initializer if i.name == mean)
-    model.graph.input.append(onnx.helper.make_tensor_value_info(mean, init.data_type, list(init.dims)))
-    model.graph.initializer.remove(init)
+    model = sample_with_a_bn_stat_input()
     for node in model.graph.node:
         node.name = ""
     onnx.save(model, str(work / "unnamed.onnx"))
