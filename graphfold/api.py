@@ -118,7 +118,7 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
         except UsageError as exc:
             raise UsageError(f"{exc}; --no-check (check=False) folds without validating") from None
         if not report.validation.passed:
-            error = ValidationError(report.validation.summary().splitlines()[0])
+            error = ValidationError(report.validation.summary())
             error.report = report
             raise error
     return folded, report

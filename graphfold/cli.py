@@ -280,6 +280,8 @@ def run_check(argv: Sequence[str], console_quiet: bool = False) -> int:
         console.out(f"  {o.name:24} max abs {o.max_abs:.3g}  max rel {o.max_rel:.3g}  "
                     f"{'ok' if o.passed else 'MISMATCH'} {o.note}".rstrip())
     console.out(result.summary())
+    if result.weak_warning():
+        console.out(result.weak_warning())
     return 0 if result.passed else 1
 
 

@@ -120,6 +120,7 @@ class Report:
                          f"{self.accuracy['before']:.2%} -> {'?' if after is None else format(after, '.2%')}")
         if self.validation is not None:
             lines.append(self.validation.summary())
+            lines.extend(filter(None, [self.validation.weak_warning()]))
         lines.extend(self.notes)
         return "\n".join(lines)
 

@@ -84,12 +84,15 @@ class ValidationResult:
         detail = f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
         if not self.passed and worst is not None:
             detail += f"; worst output {worst.name!r} {worst.note}".rstrip()
-        line = f"validation {verdict} on {len(self.inputs)} {self.source} input(s): {detail}"
+        return f"validation {verdict} on {len(self.inputs)} {self.source} input(s): {detail}"
+
+    def weak_warning(self) -> str | None:
+        """One line naming the outputs a check proves little on, and what to do; None when there are none."""
         weak = [o for o in self.outputs if o.weak]
         if not weak:
-            return line
+            return None
         listed = "; ".join(f"output {o.name!r} {o.weak}" for o in weak[:3]) + ("; ..." if len(weak) > 3 else "")
-        return (f"{line}\nwarning: validation is weak, it would pass a wrong model too: {listed}. Validate on "
+        return (f"warning: validation is weak, it would pass a wrong model too: {listed}. Validate on "
                 "real inputs with --calibration FILE.npz, or choose them with --input-shape/--input-value")
 
 

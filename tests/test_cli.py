@@ -456,6 +456,8 @@ def test_vacuous_validation_warns_in_the_summary_and_report(work, capsys):
     assert "'y'" in warning and "--calibration" in warning and "--input-shape" in warning
     validation = json.loads((work / "r.json").read_text())["validation"]
     assert validation["weak"] is True and validation["weak_outputs"] == ["y"] and validation["source"] == "random"
+    code, out, _ = run(capsys, "check", work / "tiny.onnx", work / "out.onnx")
+    assert code == 0 and "warning: validation is weak" in out
 
 
 def test_dynamic_dims_are_shown_in_the_summary(work, capsys):
