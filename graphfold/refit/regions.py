@@ -88,11 +88,17 @@ def cuts(graph: onnx.GraphProto) -> list[Cut]:
 def regions(graph: onnx.GraphProto, max_convs: int = MAX_REGION_CONVS, max_units: int = MAX_UNITS) -> list[Region]:
     """Every region between two cuts that a fitted conv could replace (see the module docstring).
 
-    A region spans at most ``max_units`` units: stretches ending at a cut written by a linear op
-    (a residual Add, a projecting conv), so one fitted conv stands for one or two blocks.
+    A region spans at most ``max_units`` units, so one fitted conv stands for one or two blocks. A
+    unit ends at a cut written by a residual Add, or where two linear ops meet across a cut (a
+    block's projecting conv feeding the next block's conv): not inside a block, where every
+    conv output goes through an activation.
     """
     found = []
     all_cuts = cuts(graph)
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
     for i, first in enumerate(all_cuts):
         units = 1
         for last in all_cuts[i + 1:]:
@@ -101,7 +107,10 @@ def regions(graph: onnx.GraphProto, max_convs: int = MAX_REGION_CONVS, max_units
             if region is None or region.convs > max_convs or units > max_units:
                 break
             found.append(region)
-            if graph.node[last.position].op_type in LINEAR_OPS and region.convs:
+            op = graph.node[last.position].op_type
+            after = consumers.get(last.tensor, [])
+            if region.convs and (op in ("Add", "Sum") or (op in LINEAR_OPS and after
+                                                           and all(c in LINEAR_OPS for c in after))):
                 units += 1
     return found
 
