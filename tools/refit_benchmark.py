@@ -90,6 +90,26 @@ def run_graphfold(base: Path, out: Path, report: Path, cal: Path, labels: Path, 
             - (before.ru_utime + before.ru_stime)}
 
 
+def time_one_fit(samples: int = 1010, channels: int = 64, side: int = 8) -> dict:
+    """One region's fit as --refit runs it: 64 -> 64 channels, 3x3, on 1010 samples of 8x8 (the
+    fit part of the digits training split at ResNet-20's widest stage, twice its spatial size)."""
+    from graphfold.refit.fit import ConvFit
+    from graphfold.refit.stage import FIT_FLOPS, MIN_ROWS_PER_FEATURE, _one_blas_thread
+
+    rng = np.random.default_rng(0)
+    features = channels * 9 + 1
+    rows = max(FIT_FLOPS / features ** 2 / 2, MIN_ROWS_PER_FEATURE * features)
+    batches = [(rng.normal(size=(64, channels, side, side)).astype(np.float32),
+                rng.normal(size=(64, channels, side, side)).astype(np.float32)) for _ in range(0, samples, 64)]
+    with _one_blas_thread():
+        wall, cpu = time.perf_counter(), time.process_time()
+        fit = ConvFit(channels, channels, (3, 3), (1, 1), (1, 1, 1, 1), max_rows=int(rows / len(batches)) + 1)
+        for x, y in batches:
+            fit.add(x, y)
+        fit.solve()
+        return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "rows": fit.rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["resnet20", "mobilenetv2"],
@@ -160,7 +180,10 @@ def main() -> None:
               f"({r['latency_spread']:.2f}) | {r['wall_s']:.0f} / {r['cpu_s']:.0f} |")
     for r in rows:
         print(f"  {r['command']}")
-    (OUT / f"results{args.tag}.json").write_text(json.dumps(rows, indent=2))
+    one = time_one_fit()
+    print(f"one fit, 64 -> 64 channels 3x3, 1010 samples of 8x8 ({one['rows']} patch rows sampled): "
+          f"{one['wall_s']:.2f} s wall, {one['cpu_s']:.2f} s CPU")
+    (OUT / f"results{args.tag}.json").write_text(json.dumps({"rows": rows, "one_fit": one}, indent=2))
 
 
 if __name__ == "__main__":
