@@ -183,7 +183,8 @@ def main() -> None:
     one = time_one_fit()
     print(f"one fit, 64 -> 64 channels 3x3, 1010 samples of 8x8 ({one['rows']} patch rows sampled): "
           f"{one['wall_s']:.2f} s wall, {one['cpu_s']:.2f} s CPU")
-    (OUT / f"results{args.tag}.json").write_text(json.dumps({"rows": rows, "one_fit": one}, indent=2))
+    seed = "" if args.train_seed == 0 else f"_seed{args.train_seed}"
+    (OUT / f"results{seed}{args.tag}.json").write_text(json.dumps({"rows": rows, "one_fit": one}, indent=2))
 
 
 if __name__ == "__main__":
