@@ -180,7 +180,7 @@ def _fold_refit(original: onnx.ModelProto, report: Report, options: ApproxOption
     if calibration is None:
         raise UsageError("--refit needs --calibration FILE.npz: it fits weights to real inputs, and random "
                          "inputs would fit the network to noise")
-    if options.requested:
+    if options.snap_slope is not None or options.epsilon is not None or options.drop_branches or options.allow_border:
         raise UsageError("--refit does not combine with --snap-slope, --epsilon, --drop-branches or "
                          "--allow-border; run them separately")
     from graphfold.calibration import load_calibration

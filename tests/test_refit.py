@@ -128,6 +128,14 @@ def test_exactly_linear_region_refits_to_zero_error():
     assert candidate["fit_residual"] < 1e-4
 
 
+def test_target_depth_stops_the_selection():
+    model = linear_in_disguise()
+    x = np.random.default_rng(5).uniform(0, 1, (160, 4, 6, 6)).astype(np.float32)
+    _, report = graphfold.fold(model, calibration={"x": x}, refit=RefitOptions(), target_depth=3)
+    assert not [r for r in report.rewrites if r.pass_name == LINEARIZE]  # depth 3 already: nothing to do
+    assert any("--target-depth 3 reached" in note for note in report.refit["notes"])
+
+
 def _stage(model, arrays, labels=None):
     data = load_calibration(arrays, model, labels=labels)
     return RefitStage(model, model, data, RefitOptions(), exact=lambda m: (m, [], []))
