@@ -136,6 +136,29 @@ def test_target_depth_stops_the_selection():
     assert any("--target-depth 3 reached" in note for note in report.refit["notes"])
 
 
+def test_final_validation_failure_rolls_the_offender_back():
+    model = linear_in_disguise()
+    x = np.random.default_rng(5).uniform(0, 1, (160, 4, 6, 6)).astype(np.float32)
+
+    def breaking_exact(m):
+        """An 'exact' re-fold that negates every fitted conv: the selection never sees it, the
+        final validation does."""
+        out = onnx.ModelProto()
+        out.CopyFrom(m)
+        fitted = {n.input[1] for n in out.graph.node if n.name.startswith("refit_")}
+        for init in out.graph.initializer:
+            if init.name in fitted:
+                init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+        return out, [], []
+
+    data = load_calibration({"x": x}, model)
+    outcome = RefitStage(model, model, data, RefitOptions(min_agreement=1.0), exact=breaking_exact).run()
+    assert outcome.validation.passed
+    assert len(outcome.info["rolled_back"]) == 1
+    assert not any(n.name.startswith("refit_") for n in outcome.model.graph.node)
+    assert any("rolled back" in note for note in outcome.info["notes"])
+
+
 def _stage(model, arrays, labels=None):
     data = load_calibration(arrays, model, labels=labels)
     return RefitStage(model, model, data, RefitOptions(), exact=lambda m: (m, [], []))
