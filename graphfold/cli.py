@@ -34,6 +34,7 @@ examples:
   graphfold model.onnx -o out.onnx --input-shape input:1,3,224,224 --report report.json
   graphfold model.onnx -o out.onnx --skip-passes fold-affine --no-check
   graphfold model.onnx -o out.onnx --calibration cal.npz --tolerance 1e-2 --epsilon 1e-4 --snap-slope 0.99
+  graphfold model.onnx -o out.onnx --calibration cal.npz --labels labels.npy --refit --max-accuracy-drop 0.5
 
 Every rewrite graphfold makes by default is exact: outputs equal up to float rounding.
 The result is checked against the original with onnxruntime (optimizations off on both
