@@ -136,6 +136,14 @@ def test_target_depth_stops_the_selection():
     assert any("--target-depth 3 reached" in note for note in report.refit["notes"])
 
 
+def test_target_latency_stops_the_selection():
+    model = linear_in_disguise()
+    x = np.random.default_rng(5).uniform(0, 1, (160, 4, 6, 6)).astype(np.float32)
+    _, report = graphfold.fold(model, calibration={"x": x}, refit=RefitOptions(target_latency=1.0))
+    assert not [r for r in report.rewrites if r.pass_name == LINEARIZE]  # x1.00 of itself already
+    assert any("--target-latency 1 reached" in note for note in report.refit["notes"])
+
+
 def test_final_validation_failure_rolls_the_offender_back():
     model = linear_in_disguise()
     x = np.random.default_rng(5).uniform(0, 1, (160, 4, 6, 6)).astype(np.float32)
