@@ -35,7 +35,8 @@ from graphfold.passes.approximate import node_cost
 from graphfold.refit import MIN_HOLDOUT, RefitOptions
 from graphfold.refit.activations import Session, collect
 from graphfold.refit.fit import ConvFit, FitResult
-from graphfold.refit.regions import Region, conv_geometry, conv_node, cuts, describe, drop_unused_initializers, \
+from graphfold.refit.holdout import Metrics, Part, evaluate
+from graphfold.refit.regions import conv_geometry, conv_node, cuts, describe, drop_unused_initializers, \
     erase_reason, find_region, linearize_reason, region_geometry, regions, replace_region, unique_name
 from graphfold.shapes import infer_concrete, infer_static
 from graphfold.stats import depth
@@ -55,22 +56,6 @@ ExactFold = Callable[[onnx.ModelProto], "tuple[onnx.ModelProto, list[Rewrite], l
 
 class Skip(Exception):
     """A candidate that cannot apply to the current model, with the reason."""
-
-
-@dataclass
-class Metrics:
-    """A model's outputs against the original's on one part of the calibration data."""
-
-    rel_error: float  # ||y' - y|| / ||y|| over all outputs
-    max_rel: float  # max|y' - y| / max|y|, worst output (what --tolerance bounds)
-    max_abs: float
-    agreement: float | None  # share of samples whose top-1 (first output) matches the original's
-    accuracy: float | None  # top-1 against the labels
-
-    def to_dict(self) -> dict:
-        return {"rel_error": self.rel_error, "max_rel": self.max_rel, "max_abs": self.max_abs,
-                "agreement": self.agreement,
-                "accuracy": self.accuracy}
 
 
 @dataclass
@@ -110,17 +95,6 @@ class RefitOutcome:
     info: dict
     validation: ValidationResult
     accuracy: dict | None
-
-
-class Part:
-    """Feeds of one part of the calibration data, the original's outputs on them, the labels."""
-
-    def __init__(self, calibration: Calibration, indices: np.ndarray, batch: int, reference: Session) -> None:
-        self.samples = len(indices)
-        self.batches = [{**{k: v[indices[i:i + batch]] for k, v in calibration.arrays.items()}, **calibration.fixed}
-                        for i in range(0, len(indices), batch)]
-        self.labels = calibration.labels[indices] if calibration.labels is not None else None
-        self.expected = [reference.run(b) for b in self.batches]
 
 
 class RefitStage:
@@ -166,34 +140,6 @@ class RefitStage:
                                  f"samples for a holdout of {MIN_HOLDOUT}")
         reference = Session(self.original)
         return Part(data, fit, batch, reference), Part(data, holdout, batch, reference)
-
-    def evaluate(self, model: onnx.ModelProto, part: Part) -> Metrics:
-        session = Session(model)
-        diff = norm = worst = largest = 0.0
-        scale: dict[str, float] = {}
-        agree = correct = start = 0
-        first = session.outputs[0]
-        for batch, expected in zip(part.batches, part.expected):
-            got = session.run(batch)
-            for name, ref in expected.items():
-                ref64, out64 = np.asarray(ref, np.float64), np.asarray(got[name], np.float64)
-                delta = out64 - ref64
-                diff += float(np.sum(delta * delta))
-                norm += float(np.sum(ref64 * ref64))
-                scale[name] = max(scale.get(name, 0.0), float(np.max(np.abs(ref64))) if ref64.size else 0.0)
-                gap = float(np.max(np.abs(delta))) if delta.size else 0.0
-                largest = max(largest, gap)
-                worst = max(worst, gap / scale[name] if scale[name] > 0 else 0.0)
-            ref_top, top = _top1(expected[first]), _top1(got[first])
-            if top is not None and ref_top is not None:
-                agree += int(np.count_nonzero(top == ref_top))
-                if part.labels is not None:
-                    correct += int(np.count_nonzero(top == part.labels[start:start + len(top)]))
-                start += len(top)
-        has_classes = _top1(part.expected[0][first]) is not None
-        return Metrics(math.sqrt(diff / norm) if norm > 0 else 0.0, worst, largest,
-                       agree / part.samples if has_classes else None,
-                       correct / part.samples if has_classes and part.labels is not None else None)
 
     def _base_acts(self, name: str) -> list[np.ndarray]:
         if name not in self._base_cache:
@@ -346,7 +292,7 @@ class RefitStage:
                 cascaded, _ = self.fit_conv(cascaded, output)
             except Skip:
                 continue
-        before, after = self.evaluate(model, self.holdout), self.evaluate(cascaded, self.holdout)
+        before, after = evaluate(model, self.holdout), evaluate(cascaded, self.holdout)
         if after.rel_error < before.rel_error and self.budget_reason(after) is None:
             self.notes.append(f"cascade: refit {len(stale)} convs on their new inputs; holdout logit error "
                               f"{before.rel_error:.3f} -> {after.rel_error:.3f}")
@@ -392,7 +338,7 @@ class RefitStage:
             return
         cand.model, cand.fitted, cand.residual, cand.benefit = model, fitted, residual, saving
         cand.saving = saving / self.base_cost
-        cand.metrics = self.evaluate(model, self.holdout)
+        cand.metrics = evaluate(model, self.holdout)
         cand.damage = cand.metrics.rel_error - self.current_metrics.rel_error
         cand.generation = self.generation
 
@@ -476,11 +422,11 @@ class RefitStage:
         started = time.perf_counter()
         self.current, self.generation = self.base, 0
         self.base_cost = self.cost(self.base)
-        self.base_metrics = self.current_metrics = self.evaluate(self.base, self.holdout)
+        self.base_metrics = self.current_metrics = evaluate(self.base, self.holdout)
         pool = self.candidates()
         kept = self.select(pool)
         final, exact_rewrites, declines = self.exact(self.cascade(self.current, kept)) if kept else (self.base, [], [])
-        metrics = self.evaluate(final, self.holdout)
+        metrics = evaluate(final, self.holdout)
         rolled_back = []
         while kept and self.budget_reason(metrics):
             offender, final = self._rollback(kept)
@@ -488,7 +434,7 @@ class RefitStage:
                                                               f"{self.budget_reason(metrics)}"
             rolled_back.append(offender.label)
             final, exact_rewrites, declines = self.exact(final) if kept else (self.base, [], [])
-            metrics = self.evaluate(final, self.holdout)
+            metrics = evaluate(final, self.holdout)
         return self._outcome(final, pool, kept, exact_rewrites, declines, metrics, rolled_back,
                              time.perf_counter() - started)
 
@@ -497,7 +443,7 @@ class RefitStage:
         low, high = 0, len(kept)
         while high - low > 1:
             middle = (low + high) // 2
-            if self.budget_reason(self.evaluate(self.exact(self.replay(kept[:middle]))[0], self.holdout)):
+            if self.budget_reason(evaluate(self.exact(self.replay(kept[:middle]))[0], self.holdout)):
                 high = middle
             else:
                 low = middle
@@ -505,8 +451,8 @@ class RefitStage:
         return offender, self.replay(kept)
 
     def _outcome(self, final, pool, kept, exact_rewrites, declines, metrics, rolled_back, seconds) -> RefitOutcome:
-        fit_metrics = self.evaluate(final, self.fit_part)
-        base_fit = self.evaluate(self.base, self.fit_part)
+        fit_metrics = evaluate(final, self.fit_part)
+        base_fit = evaluate(self.base, self.fit_part)
         rewrites = [Rewrite(c.kind, [c.source], [c.target], exact=False, error_bound=c.metrics.rel_error,
                             detail=f"{c.label}: fit residual {c.residual:.3f}, cost -{c.saving:.1%}, "
                                    f"holdout logit error {c.metrics.rel_error:.3f}, agreement "
@@ -555,14 +501,6 @@ def _one_blas_thread():
     except ImportError:
         return contextlib.nullcontext()
     return threadpool_limits(1, user_api="blas")
-
-
-def _top1(scores) -> np.ndarray | None:
-    scores = np.asarray(scores)
-    if scores.ndim < 2:
-        return None
-    flat = scores.reshape(scores.shape[0], scores.shape[1], -1)
-    return flat[:, :, 0].argmax(axis=1) if flat.shape[2] == 1 else None
 
 
 def _pct(value: float | None) -> str:
