@@ -59,7 +59,6 @@ __all__ = [
     "output_spatial",
     "pad_kernel",
     "parallel_shape",
-    "scale_before_conv",
 ]
 
 
@@ -299,14 +298,6 @@ def affine_after_gemm(
     folded = _f64(b_matrix) * (scale[:, None] if trans_b else scale[None, :])
     new_bias = shift if bias is None else _f64(bias) * scale + shift
     return folded.astype(b_matrix.dtype), np.asarray(new_bias).astype(b_matrix.dtype)
-
-
-def scale_before_conv(p: ConvParams, scale: np.ndarray | float) -> ConvParams:
-    """conv(scale[c]*x) == conv'(x). Exact, padding included (a scaled zero is zero)."""
-    g, c_per_group = p.group, p.weight.shape[1]
-    scale = _per_channel(scale, p.in_channels, "scale").reshape(g, 1, c_per_group, *[1] * p.rank)
-    weight = _f64(p.weight).reshape(g, p.out_channels // g, c_per_group, *p.kernel_shape) * scale
-    return replace(p, weight=weight.reshape(p.weight.shape).astype(p.weight.dtype))
 
 
 def affine_before_conv(p: ConvParams, scale: np.ndarray | float, shift: np.ndarray | float) -> ConvParams:

@@ -484,6 +484,7 @@ def test_identity_params_rejects_even_kernels():
 @SETTINGS
 @given(rank=st.sampled_from((1, 2, 3)), g=st.sampled_from((1, 2)), seed=st.integers(0, 2**32 - 1))
 def test_affine_after_conv_and_scale_before_conv(rank, g, seed):
+    """A padded, strided conv: the scale before it is exact even with padding."""
     rng = np.random.default_rng(seed)
     p = make_conv(rng, 2 * g, 3 * g, g, (3,) * rank, (2,) * rank, None, (1,) * (2 * rank))
     x = rng.standard_normal((2, p.in_channels, *[6] * rank))
@@ -492,7 +493,7 @@ def test_affine_after_conv_and_scale_before_conv(rank, g, seed):
     after = K.affine_after_conv(p, scale, shift)
     assert_close(torch_conv(x, after), torch_conv(x, p) * scale.reshape(view) + shift.reshape(view))
     in_scale = rng.standard_normal(p.in_channels)
-    before = K.scale_before_conv(p, in_scale)
+    before = K.affine_before_conv(p, in_scale, 0.0)
     assert_close(torch_conv(x, before), torch_conv(x * in_scale.reshape(view), p))
     scalar = K.affine_after_conv(p, 2.0, 0.5)
     assert_close(torch_conv(x, scalar), 2.0 * torch_conv(x, p) + 0.5)
