@@ -122,13 +122,10 @@ class FoldContext:
         # Tensors that an If/Loop/Scan body returns, or that a node in a body alone reads, must
         # survive like graph outputs: no rewrite may fuse this graph's nodes with a body's.
         self.graph_outputs = {t.name for t in self.graph.outputs} | subgraph_reads(self.graph)
-        self._fusions: dict[int, list[fusions.Fusion]] | None = None  # found again when first asked
 
     def broken_fusion(self, nodes: Iterable[gs.Node]) -> fusions.Fusion | None:
         """The runtime fusion (``graphfold.fusions``) that rewriting ``nodes`` away would break."""
-        if self._fusions is None:
-            self._fusions = fusions.find_fusions(self.graph, self.graph_outputs, self.static_shape)
-        return fusions.broken_fusion(self._fusions, nodes)
+        return fusions.broken_fusion(nodes, self.graph_outputs, self.static_shape)
 
     def static_shape(self, tensor: gs.Tensor) -> Shape | None:
         if isinstance(tensor, gs.Constant):

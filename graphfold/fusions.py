@@ -144,33 +144,50 @@ def matmul_add(node: gs.Node, graph_outputs: set[str], shapes: Callable[[gs.Tens
         yield Fusion("MatMul+Add", node, (add,))
 
 
-MATCHERS = (gelu, conv_activation)
-SHAPED_MATCHERS = (conv_add, matmul_add)
+Shapes = Callable[[gs.Tensor], "tuple | None"]
+
+# A body node sits at most this many producers below its anchor (Gelu's final Mul: 4).
+ANCHOR_DEPTH = 4
 
 
-def find_fusions(graph: gs.Graph, graph_outputs: set[str],
-                 shapes: Callable[[gs.Tensor], tuple | None]) -> dict[int, list[Fusion]]:
-    """Every fusion instance in ``graph``, indexed by the id of each body node."""
-    index: dict[int, list[Fusion]] = {}
-    for node in graph.nodes:
-        found: list[Fusion] = []
-        for matcher in MATCHERS:
-            found.extend(matcher(node, graph_outputs))
-        for shaped in SHAPED_MATCHERS:
-            found.extend(shaped(node, graph_outputs, shapes))
-        for fusion in found:
-            for member in fusion.body:
-                index.setdefault(id(member), []).append(fusion)
-    return index
+def fusions_at(node: gs.Node, graph_outputs: set[str], shapes: Shapes) -> list[Fusion]:
+    """The fusion instances anchored at ``node``."""
+    return [*gelu(node, graph_outputs), *conv_activation(node, graph_outputs),
+            *conv_add(node, graph_outputs, shapes), *matmul_add(node, graph_outputs, shapes)]
 
 
-def broken_fusion(index: dict[int, list[Fusion]], removed: Iterable[gs.Node]) -> Fusion | None:
-    """The first fusion that removing ``removed`` would break: a body node goes, the anchor stays."""
+def find_fusions(graph: gs.Graph, graph_outputs: set[str], shapes: Shapes) -> list[Fusion]:
+    """Every fusion instance in ``graph``."""
+    return [fusion for node in graph.nodes for fusion in fusions_at(node, graph_outputs, shapes)]
+
+
+def _anchors_near(nodes: Iterable[gs.Node]) -> dict[int, gs.Node]:
+    """Every node that could anchor a fusion containing one of ``nodes``: their producers up to
+    ANCHOR_DEPTH steps back, and the other readers of their inputs (Gelu's ``x * 0.5`` and its
+    Div both read x)."""
+    found: dict[int, gs.Node] = {}
+    frontier = list(nodes)
+    for node in frontier:
+        found[id(node)] = node
+        for tensor in node.inputs:
+            if not isinstance(tensor, gs.Constant):  # a shared constant's readers are no siblings
+                found.update((id(reader), reader) for reader in tensor.outputs)
+    for _ in range(ANCHOR_DEPTH):
+        frontier = [t.inputs[0] for node in frontier for t in node.inputs if len(t.inputs) == 1]
+        found.update((id(node), node) for node in frontier)
+    return found
+
+
+def broken_fusion(removed: Iterable[gs.Node], graph_outputs: set[str], shapes: Shapes) -> Fusion | None:
+    """The first fusion that removing ``removed`` would break: a body node goes, the anchor stays.
+    Only the neighbourhood of ``removed`` is searched, so asking costs the same on any graph size."""
+    removed = list(removed)
     gone = {id(node) for node in removed}
-    for node_id in gone:
-        for fusion in index.get(node_id, ()):
+    for anchor in _anchors_near(removed).values():
+        for fusion in fusions_at(anchor, graph_outputs, shapes):
             # An anchor that is also body (Gelu's Div) is never rebuilt with the rest.
-            if id(fusion.anchor) not in gone or any(n is fusion.anchor for n in fusion.body):
+            rebuilt = id(fusion.anchor) in gone and not any(n is fusion.anchor for n in fusion.body)
+            if not rebuilt and any(id(n) in gone for n in fusion.body):
                 return fusion
     return None
 

@@ -25,9 +25,8 @@ def found(model) -> list[tuple[str, str, list[str]]]:
     graph = gs.import_onnx(model)
     shapes = infer_static(model)
     ctx = FoldContext(graph, static_shapes=shapes)
-    index = fusions.find_fusions(graph, ctx.graph_outputs, ctx.static_shape)
-    unique = {id(f): f for fs in index.values() for f in fs}.values()
-    return sorted((f.name, f.anchor.name, [n.name for n in f.body]) for f in unique)
+    return sorted((f.name, f.anchor.name, [n.name for n in f.body])
+                  for f in fusions.find_fusions(graph, ctx.graph_outputs, ctx.static_shape))
 
 
 def gelu_half_first(n: Net, x: str, out: str) -> str:
@@ -183,3 +182,14 @@ def test_inspect_names_the_pattern(tmp_path, capsys):
     onnx.save(n.model(n.conv(g, "y", C, 4, kernel=1)), str(path))
     assert main(["inspect", str(path)]) == 0
     assert "keeps onnxruntime's Gelu fusion" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("form,member", [(gelu_tail, name) for name in ("g.div", "g.erf", "g.add", "g.mul", "g")] +
+                         [(gelu_half_first, name) for name in ("g.div", "g.erf", "g.add", "g.half_x", "g")])
+def test_engine_finds_the_gelu_from_any_of_its_nodes(form, member):
+    n = Net([1, C, 8, 8])
+    model = n.model(n.conv(form(n, n.x, "g"), "y", C, 4, kernel=1))
+    graph = gs.import_onnx(model)
+    ctx = FoldContext(graph, static_shapes=infer_static(model))
+    assert run_pass(ctx, RemoveNode(member)) == []
+    assert "Gelu fusion around Div 'g.div'" in ctx.declines[0].reason
