@@ -54,6 +54,12 @@ def affine_of(op: str, value: np.ndarray, side: int) -> tuple[np.ndarray, np.nda
     return (ones, -value) if side == 0 else (-ones, value)  # x - c, or c - x
 
 
+def node_affine(node: gs.Node, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """``affine_of`` an affine node, in float64 so the map is rounded once, into the weights (ONNX
+    types the constant, the data and the reader's weights alike: the model's dtype is kept)."""
+    return affine_of(node.op, float_const(node.inputs[1 - side]).astype(np.float64), side)
+
+
 def keeps_shape(x_shape: tuple | None, value: np.ndarray) -> bool:
     """True when broadcasting ``value`` against a tensor of ``x_shape`` cannot change its shape."""
     if value.ndim == 0:
@@ -98,10 +104,8 @@ def fold_into_reader(ctx: FoldContext, reader: gs.Node, x: gs.Tensor, scale: np.
     layout = _layout(ctx, reader, weight, x)
     if isinstance(layout, str):
         return layout
-    if scale.dtype != weight.dtype:
-        return f"constant is {scale.dtype}, {reader.op} {reader.name!r} weight is {weight.dtype}"
     x_shape = ctx.static_shape(x)
-    vectors = [per_channel(v.astype(np.float64), *layout) for v in (scale, shift)]
+    vectors = [per_channel(v, *layout) for v in (scale, shift)]
     if not all(keeps_shape(x_shape, v) for v in (scale, shift)) or any(v is None for v in vectors):
         return (f"constant of shape {list(scale.shape)} is not a per-channel vector over "
                 f"{reader.op} {reader.name!r}'s {layout[2]} input channels")
@@ -195,11 +199,10 @@ class FoldAffineForward(Pass):
             if reason:
                 return reason
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            scale, shift = affine_of(node.op, float_const(node.inputs[1 - side]), side)
+            scale, shift = node_affine(node, side)
             remainder = None
             if last is not node:
-                outer, offset = affine_of(last.op, float_const(last.inputs[1 - match.data["shift_side"]]),
-                                          match.data["shift_side"])
+                outer, offset = node_affine(last, match.data["shift_side"])
                 scale, remainder = outer * scale, offset / (outer * scale)
                 if not np.all(np.isfinite(remainder)) or not keeps_shape(ctx.static_shape(x), remainder):
                     return "the scale cannot move past the shift (a zero scale, or a shift of another shape)"
@@ -210,6 +213,11 @@ class FoldAffineForward(Pass):
             if isinstance(plan, str):
                 return plan
             plans.append(plan)
+        if remainder is not None:
+            try:
+                remainder = kernels.narrow(remainder, plans[0].weight.dtype)
+            except kernels.NotMergeable as exc:
+                return f"the shift left in front: {exc}"
         return plans, remainder
 
     def check(self, ctx: FoldContext, match: Match) -> Decision:
@@ -226,7 +234,7 @@ class FoldAffineForward(Pass):
         detach([node, last] if last is not node else [node])
         if remainder is not None:
             # x + t/s, written to the tensor the readers read: only the scale moved.
-            const = make_const(ctx.scope, f"{last.name}.shift", remainder.astype(plans[0].weight.dtype))
+            const = make_const(ctx.scope, f"{last.name}.shift", remainder)
             added.append(gs.Node("Add", last.name or ctx.scope.make("Add"), inputs=[x, const], outputs=[y]))
             ctx.graph.nodes.append(added[-1])
             source = y
