@@ -229,6 +229,17 @@ def test_declines_a_shift_before_a_rank3_matmul():
     assert_declines(model, FORWARD, "has no bias to go into")
 
 
+def test_declines_a_matmul_input_of_unknown_rank():
+    value = helper.make_tensor_value_info
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="r"),
+             helper.make_node("Mul", ["r", "k"], ["s"], name="s"), helper.make_node("MatMul", ["s", "w"], ["y"], name="y")]
+    inits = [numpy_helper.from_array(np.float32(2.0), "k"), numpy_helper.from_array(np.ones((5, 4), np.float32), "w")]
+    # A Reshape to a run-time shape of unknown length: nobody knows r's rank.
+    model = make_model(nodes, [value("x", TensorProto.FLOAT, [3, 5]), value("shape", TensorProto.INT64, ["n"])],
+                       [value("y", TensorProto.FLOAT, ["a", 4])], inits)
+    assert_declines(model, FORWARD, "rank of MatMul 'y''s input is unknown")
+
+
 def test_declines_float16_weights_that_would_overflow():
     value = helper.make_tensor_value_info
     nodes = [helper.make_node("Mul", ["x", "k"], ["s"], name="s"), helper.make_node("Conv", ["s", "w"], ["y"], name="y")]
