@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphfold import shapes
@@ -224,3 +225,59 @@ def test_static_shapes_keep_symbolic_dims_unknown():
     static = infer_static(shape_arithmetic_model())
     assert static["c"] == (None, 8, None, None)
     assert static["y"][-1] == 5 and static["y"][0] is None
+
+
+def test_macs_are_numbers_on_every_model_bundled_with_onnx():
+    import glob
+
+    corpus = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
+    paths = glob.glob(os.path.join(corpus, "light", "*.onnx")) + glob.glob(os.path.join(corpus, "*", "*", "model.onnx"))
+    assert len(paths) > 100
+    unknown = [path for path in paths if stats(onnx.load(path, load_external_data=False))["macs"] is None]
+    assert unknown == []
+
+
+class RecognitionHead:
+    """A text-recognition-style net exported from PyTorch with dynamic batch and width: convs, a
+    nearest upsample, then reshapes computed from the tensor's shape (a Div among them) and a
+    Linear on the sequence. ONNX's own shape inference loses the sequence's shape."""
+
+    @staticmethod
+    def export(path: str) -> onnx.ModelProto:
+        torch = pytest.importorskip("torch")
+        nn, functional = torch.nn, torch.nn.functional
+
+        class Head(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, stride=2, padding=1)
+                self.fc = nn.Linear(64, 10)
+
+            def forward(self, x):
+                y = functional.interpolate(functional.relu(self.c2(functional.relu(self.c1(x)))), scale_factor=2.0)
+                n, c, h, w = y.shape
+                y = y.reshape(n, c * h, w // 2, 2).permute(0, 2, 1, 3).reshape(n, w // 2, -1)
+                return self.fc(y[..., :64])
+
+        torch.manual_seed(0)
+        torch.onnx.export(Head().eval(), (torch.randn(1, 3, 8, 16),), path, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch", 3: "width"}, "y": {0: "batch", 1: "steps"}})
+        return onnx.load(path)
+
+
+def test_macs_and_dynamic_dims_of_a_pytorch_export(tmp_path):
+    import graphfold
+    from tests.util import assert_same_outputs
+
+    model = RecognitionHead.export(str(tmp_path / "head.onnx"))
+    batch, width = 2, 24
+    pixels = 8 * width
+    # conv1 at full size, conv2 at stride 2, the upsample none, the Linear over width / 2 steps
+    expected = batch * (pixels * 16 * 27 + pixels // 4 * 32 * 144 + (width // 2) * 10 * 64)
+    folded, report = graphfold.fold(model, input_shapes={"x": [batch, 3, 8, width]})
+    assert report.before["macs"] == report.after["macs"] == expected
+    assert report.counts()["fold-constants"] > 0
+    assert [d.dim_param for d in folded.graph.input[0].type.tensor_type.shape.dim] == ["batch", "", "", "width"]
+    for shape in ([1, 3, 8, 16], [3, 3, 8, 40]):
+        assert_same_outputs(model, folded, shapes={"x": shape})
