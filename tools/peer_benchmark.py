@@ -439,7 +439,10 @@ def write_section(path: str, name: str, results: list[ModelResult], tools: list[
     """Replace the section between ``<!-- peer_benchmark:NAME -->`` markers of ``path`` (appended if
     absent), leaving the rest of the page as it is."""
     start, end = f"<!-- peer_benchmark:{name} -->", f"<!-- /peer_benchmark:{name} -->"
-    body = [start, "", f"Produced by `{command}`; the columns as above.", "", machine_line(), "",
+    body = [start, "", f"Produced by `{command}`. Columns as described at the top of the page; **min x** is "
+            "the fastest sample over the original's fastest, **CPU x** this process's CPU time per run over the "
+            "original's (1 thread: the work itself, which other load does not inflate), **spread** p90 / p10 "
+            "of the samples (over 1.2, trust min x and CPU x rather than the median).", "", machine_line(), "",
             *result_lines(results, tools, skipped, level="###"), end]
     text = open(path).read() if os.path.exists(path) else ""
     if start in text and end in text:
