@@ -223,6 +223,14 @@ def measure_model(src: str, folder: str, tools: list[str], args: argparse.Namesp
 
 def _measure_latency(first: Row, rows: list[Row], shapes: dict[str, list[int]],
                      args: argparse.Namespace) -> None:
+    # An output that wants inputs the original does not have (ort-extended on some old models) cannot
+    # be fed the same data: it alone goes untimed.
+    expected = _input_names(first.path)
+    for row in rows:
+        names = _input_names(row.path)
+        if names != expected:
+            row.failure = f"latency not measured: its inputs {sorted(names - expected)[:3]}... are not the original's"
+    rows = [row for row in rows if row.failure is None]
     try:
         # Samples shorter than a few scheduler slices turn into all-or-nothing on a busy machine;
         # batch enough runs per sample to span about SAMPLE_MS.
@@ -239,6 +247,10 @@ def _measure_latency(first: Row, rows: list[Row], shapes: dict[str, list[int]],
     for row, timing in zip([first] + rows, [original] + others):
         row.latency_ratio, row.latency_ms = timing.ratio, timing.median_ms
         row.min_ratio, row.cpu_ratio, row.spread = timing.min_ms / original.min_ms, timing.cpu_ratio, timing.spread
+
+
+def _input_names(path: str) -> set[str]:
+    return {vi.name for vi in real_inputs(onnx.load(path, load_external_data=False).graph)}
 
 
 # ---------------------------------------------------------------- report
