@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
@@ -44,7 +45,7 @@ def test_gelu_is_found_in_both_export_forms_and_kept(form):
     g = form(n, n.conv(n.x, "c", C, C, kernel=1), "g")
     model = n.model(n.conv(g, "y", C, 4, kernel=1))
     assert [name for name, _, _ in found(model)] == ["Gelu"]
-    folded, report = fold_only(model, None)
+    folded, _ = fold_only(model, None)
     assert op_types(folded) == op_types(model)
     assert_same_outputs(model, folded)
 
@@ -177,8 +178,6 @@ def test_inspect_names_the_pattern(tmp_path, capsys):
     n = Net([1, C, 8, 8])
     g = gelu_tail(n, n.x, "g")
     path = tmp_path / "gelu.onnx"
-    import onnx
-
     onnx.save(n.model(n.conv(g, "y", C, 4, kernel=1)), str(path))
     assert main(["inspect", str(path)]) == 0
     assert "keeps onnxruntime's Gelu fusion" in capsys.readouterr().out
