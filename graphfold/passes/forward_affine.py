@@ -265,4 +265,7 @@ def affine_side(node: gs.Node) -> int | None:
     if constant.count(True) != 1:
         return None
     side = constant.index(False)
-    return None if node.op == "Div" and side == 1 else side  # c / x is not affine in x
+    if node.op == "Div" and side == 1:
+        return None  # c / x is not affine in x
+    # A constant varying along two axes is a map (a border correction): sink-constant-adds' business.
+    return None if sum(d > 1 for d in float_const(node.inputs[1 - side]).shape) > 1 else side
