@@ -272,3 +272,18 @@ def test_declines_a_bias_add_that_the_runtime_fuses_with_its_matmul():
     t = n.op("Add", [h, n.random("b", [5])], "t")
     model = n.model(n.op("MatMul", [t, n.random("w2", [5, 4])], "y"))
     assert_declines(model, FORWARD, "keeps onnxruntime's MatMul+Add fusion")
+
+
+def test_declines_a_map_a_subgraph_reads():
+    shape = [1, CHANNELS, 4, 4]
+    branches = {f"{kind}_branch": helper.make_graph(
+        [helper.make_node(op, ["s"], [kind])], kind, [], [helper.make_tensor_value_info(kind, TensorProto.FLOAT, shape)])
+        for kind, op in (("then", "Neg"), ("else", "Relu"))}
+    nodes = [helper.make_node("Mul", ["x", "k"], ["s"], name="s"), helper.make_node("Conv", ["s", "w"], ["y"], name="y"),
+             helper.make_node("If", ["cond"], ["z"], name="if", **branches)]
+    inits = [numpy_helper.from_array(np.float32(2.0), "k"),
+             numpy_helper.from_array(np.ones((4, CHANNELS, 1, 1), np.float32), "w")]
+    value = helper.make_tensor_value_info
+    model = make_model(nodes, [value("x", TensorProto.FLOAT, shape), value("cond", TensorProto.BOOL, [])],
+                       [value("y", TensorProto.FLOAT, [1, 4, 4, 4]), value("z", TensorProto.FLOAT, shape)], inits)
+    assert_declines(model, FORWARD, "'s' is also read by")  # the branch's node reads it
