@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphfold.calibration import Calibration
-from graphfold.engine import Approx, Decline, FoldContext, FoldOptions, Pass, Reject, Rewrite
+from graphfold.engine import Approx, Decline, FoldContext, FoldOptions, Pass, Reject, Rewrite, decide
 from graphfold.errors import UsageError
 from graphfold.inputs import ShapeMap
 from graphfold.measure import Measurer
@@ -122,7 +122,7 @@ class ApproximateStage:
                 continue  # its nodes went with an earlier rewrite (a PRelu in a dropped branch)
             ctx.refresh()
             fold_pass = self.passes[cand.pass_name]
-            decision = fold_pass.check(ctx, match)
+            decision = decide(ctx, fold_pass, match)
             if isinstance(decision, Reject):
                 log.debug("skip %s: %s", cand.label, decision.reason)
                 continue
@@ -212,8 +212,8 @@ class ApproximateStage:
         pool: list[Candidate] = []
         if options.snap_slope is not None:
             self.passes[SnapActivations.name] = SnapActivations(stats, options.snap_slope)
-            pool += self._candidates(ctx, SnapActivations.name, 1, lambda m: node_cost(ctx, m.anchor))
-        branch_benefit = lambda m: _branch_benefit(ctx, m.data["residual"])  # noqa: E731
+            pool += self._candidates(ctx, SnapActivations.name, 1, lambda m, d: node_cost(ctx, m.anchor))
+        branch_benefit = lambda m, d: _branch_benefit(ctx, m.data["residual"])  # noqa: E731
         if options.epsilon is not None:
             self.passes[DropEpsilonBranch.name] = DropEpsilonBranch(stats, options.epsilon)
             pool += self._candidates(ctx, DropEpsilonBranch.name, 1, branch_benefit)
@@ -239,12 +239,12 @@ class ApproximateStage:
         fold_pass = self.passes[name]
         found = []
         for match in fold_pass.match(ctx):
-            decision = fold_pass.check(ctx, match)
+            decision = decide(ctx, fold_pass, match)
             key = tuple(n.name for n in match.nodes)
             if isinstance(decision, Reject):
                 self.declines.append(Decline(name, list(key), decision.reason))
             elif isinstance(decision, Approx):
-                found.append(Candidate(name, key, stage, benefit(match), decision.bound))
+                found.append(Candidate(name, key, stage, benefit(match, decision), decision.bound))
         return found
 
     def _measure_alone(self, candidates: Sequence[Candidate], kept: Sequence[Candidate]) -> None:
@@ -318,7 +318,7 @@ class ApproximateStage:
         model = self.build(first).model
         ctx = self.context(model, _stage1_key(first))
         self.passes[MergeConvBorder.name] = MergeConvBorder()
-        found = self._candidates(ctx, MergeConvBorder.name, 2, lambda m: m.data["benefit"])
+        found = self._candidates(ctx, MergeConvBorder.name, 2, lambda m, d: d.plan.benefit)
         # One merge per conv: overlapping pairs (a, b), (b, c) cannot both apply.
         used, disjoint = set(), []
         for cand in found:

@@ -9,8 +9,9 @@ of passes until a whole round changes nothing, records each rewrite and, for
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ClassVar, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence, Union
 
 import onnx_graphsurgeon as gs
 
@@ -24,7 +25,13 @@ Shape = tuple  # of int | None
 
 @dataclass(frozen=True)
 class Exact:
-    """The rewrite leaves outputs equal up to float rounding."""
+    """The rewrite leaves outputs equal up to float rounding.
+
+    ``plan`` is what ``check`` worked out to reach its verdict (merged weights, a split of a
+    chain) and hands to ``rewrite``, so the work is done once and ``check`` stays pure.
+    """
+
+    plan: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class Approx:
 
     bound: float
     how: str = "measured"
+    plan: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -95,10 +103,18 @@ class Decline:
         return asdict(self)
 
 
+def strict_from_env() -> bool:
+    """``GRAPHFOLD_STRICT=1`` (the test suite sets it) makes a failing ``check`` an error."""
+    return os.environ.get("GRAPHFOLD_STRICT", "") not in ("", "0")
+
+
 @dataclass
 class FoldOptions:
     fold_all: bool = False  # every exact merge, even where the cost model says it does not pay
     max_rounds: int = 8
+    # A ``check`` that raises is a bug in graphfold. Strict: it stops the fold (PassError).
+    # Otherwise: the candidate is declined, with a warning, and the rest of the model still folds.
+    strict: bool = field(default_factory=strict_from_env)
 
 
 class FoldContext:
@@ -196,7 +212,20 @@ MAX_SWEEPS = 64
 
 
 class PassError(RuntimeError):
-    """A rewrite raised: a bug in graphfold, reported with the pass's name."""
+    """A rewrite raised (or a check, in strict mode): a bug in graphfold, reported with the pass's name."""
+
+
+def decide(ctx: FoldContext, fold_pass: Pass, match: Match) -> Decision:
+    """``fold_pass.check`` on ``match``; an exception in it is an error when strict, else a decline."""
+    try:
+        return fold_pass.check(ctx, match)
+    except Exception as exc:
+        if ctx.options.strict:
+            raise
+        # check never mutates, so declining is safe; the warning keeps the bug visible.
+        log.warning("%s: check raised on %s, declined (%s: %s)", fold_pass.name,
+                    [n.name for n in match.nodes], type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return Reject(f"could not analyse ({type(exc).__name__}: {exc})")
 
 
 def run_pass(ctx: FoldContext, fold_pass: Pass) -> list[Rewrite]:
@@ -208,11 +237,7 @@ def run_pass(ctx: FoldContext, fold_pass: Pass) -> list[Rewrite]:
         # An earlier rewrite in this sweep may have consumed part of this candidate.
         if any(id(node) in gone for node in match.nodes):
             continue
-        try:
-            decision = fold_pass.check(ctx, match)
-        except Exception as exc:  # check never mutates, so a failing one is just a decline
-            log.debug("%s: check failed", fold_pass.name, exc_info=True)
-            decision = Reject(f"could not analyse ({type(exc).__name__}: {exc})")
+        decision = decide(ctx, fold_pass, match)
         if not isinstance(decision, Reject):
             fusion = ctx.broken_fusion(fold_pass.moved_nodes(match))
             if fusion is not None:
@@ -223,7 +248,8 @@ def run_pass(ctx: FoldContext, fold_pass: Pass) -> list[Rewrite]:
             continue
         change = fold_pass.rewrite(ctx, match, decision)
         if not change.removed and not change.added:
-            continue  # the rewrite found nothing left to do (e.g. constants that would not fold)
+            # rewrite never declines: whatever could stop it belongs in check.
+            raise PassError(f"pass {fold_pass.name!r} accepted {[n.name for n in match.nodes]} but changed nothing")
         gone.update(id(node) for node in change.removed)
         ctx.refresh()
         rewrites.append(Rewrite(
@@ -256,6 +282,8 @@ def run_pipeline(ctx: FoldContext, passes: Sequence[Pass], progress: Progress | 
             for _ in range(MAX_SWEEPS):
                 try:
                     done = run_pass(ctx, fold_pass)
+                except PassError:
+                    raise
                 except Exception as exc:
                     raise PassError(f"pass {fold_pass.name!r} failed: {type(exc).__name__}: {exc}") from exc
                 applied.extend(done)

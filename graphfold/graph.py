@@ -80,6 +80,24 @@ def float_const(tensor: gs.Tensor | None) -> np.ndarray | None:
     return value
 
 
+def broadcast_keeps_shape(shape: Sequence[int | None] | None, value_shape: Sequence[int]) -> bool:
+    """True when a constant of ``value_shape``, broadcast against a tensor of ``shape`` (None:
+    unknown; a None dim: symbolic), cannot change the tensor's shape.
+
+    Each of the constant's dims must be 1 or equal the tensor's dim. A symbolic dim, the batch
+    dim included, takes only 1: any other size would grow a run-time size of 1. A constant of
+    higher rank grows the tensor's rank; a scalar (rank 0) never changes anything, even a tensor
+    of unknown shape.
+    """
+    value_shape = tuple(value_shape)
+    if not value_shape:
+        return True
+    if shape is None or len(value_shape) > len(shape):
+        return False
+    padded = (1,) * (len(shape) - len(value_shape)) + value_shape
+    return all(v == 1 or (s is not None and v == s) for v, s in zip(padded, shape))
+
+
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 

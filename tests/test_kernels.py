@@ -7,14 +7,15 @@ import math
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphfold import kernels as K
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -149,7 +150,7 @@ def test_compose_unpadded_second_is_exact_everywhere(chain):
     assert not np.any(K.border_correction(first, second, sizes))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(SETTINGS, max_examples=25)
 @given(chain=chains(second_padded=True, extra=0))
 def test_compose_keeps_output_size_for_every_input_size(chain):
     first, second, _ = chain

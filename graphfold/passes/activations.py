@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import bypass, bypass_reason, const_value, producer
+from graphfold.graph import broadcast_keeps_shape, bypass, bypass_reason, const_value, producer
 
 Range = tuple[float, float]
 UNBOUNDED: Range = (-math.inf, math.inf)
@@ -98,18 +98,6 @@ def _attr_text(node: gs.Node, name: str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _shape_kept(ctx: FoldContext, x: gs.Tensor, value: np.ndarray) -> bool:
-    """True when broadcasting ``value`` against x cannot change x's shape."""
-    if value.ndim == 0:
-        return True
-    # Even a [1] constant grows a rank-0 input to rank 1.
-    shape = ctx.static_shape(x)
-    if shape is None or value.ndim > len(shape):
-        return False
-    padded = (1,) * (len(shape) - value.ndim) + value.shape
-    return all(v == 1 or v == s for v, s in zip(padded, shape))
-
-
 def identity_reason(ctx: FoldContext, node: gs.Node, x_index: int = 0) -> str | None:
     """Why ``node`` is not an exact identity of its input ``x_index`` (None if it is)."""
     op = node.op
@@ -119,7 +107,7 @@ def identity_reason(ctx: FoldContext, node: gs.Node, x_index: int = 0) -> str | 
             return "PRelu slope is not constant"
         if not np.all(slope == 1):
             return f"PRelu slopes are not all 1 (min {float(np.min(slope)):.4g}); --snap-slope approximates"
-        return None if _shape_kept(ctx, node.inputs[0], slope) else "PRelu slope broadcasts its input larger"
+        return None if broadcast_keeps_shape(ctx.static_shape(node.inputs[0]), slope.shape) else "PRelu slope broadcasts its input larger"
     if op == "LeakyRelu":
         alpha = node.attrs.get("alpha", 0.01)
         return None if alpha == 1 else f"LeakyRelu alpha is {alpha:.4g}, not 1"
@@ -147,7 +135,7 @@ def _arithmetic_reason(ctx: FoldContext, node: gs.Node, x_index: int) -> str | N
     x = node.inputs[x_index]
     if x.dtype is not None and value.dtype != x.dtype:
         return f"{node.op} constant has another dtype than its input"
-    return None if _shape_kept(ctx, x, value) else f"{node.op} constant broadcasts its input to a larger shape"
+    return None if broadcast_keeps_shape(ctx.static_shape(x), value.shape) else f"{node.op} constant broadcasts its input to a larger shape"
 
 
 class RemoveIdentityActivations(Pass):

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from graphfold import kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import const_value, detach, float_const, is_shared, make_const, producer, single_use_reason
+from graphfold.graph import broadcast_keeps_shape, const_value, detach, float_const, is_shared, make_const, producer, single_use_reason
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -21,12 +21,10 @@ LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 def per_channel(value: np.ndarray, out_rank: int, channel_axis: int, channels: int) -> np.ndarray | None:
     """``value`` as a [channels] vector if, broadcast against the layer output, it varies only
     along ``channel_axis`` (and does not grow the output's shape); else None."""
-    if value.ndim > out_rank:
-        return None
-    shape = (1,) * (out_rank - value.ndim) + value.shape
-    if any(size != 1 for axis, size in enumerate(shape) if axis != channel_axis):
-        return None
-    if shape[channel_axis] not in (1, channels):
+    # Only the channel dim is known here: every other dim of the constant must then be 1.
+    layout = [None] * out_rank
+    layout[channel_axis] = channels
+    if not broadcast_keeps_shape(layout, value.shape):
         return None
     return np.broadcast_to(value.reshape(-1), (channels,)).copy()
 

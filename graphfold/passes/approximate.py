@@ -303,6 +303,14 @@ class SnapActivations(Pass):
 
 # --- interior-exact conv merges ---------------------------------------------------------------
 
+@dataclass(frozen=True)
+class BorderMerge:
+    """What ``merge-conv-border``'s check hands its rewrite: the merged conv and the cost it saves."""
+
+    merged: kernels.ConvParams
+    benefit: float
+
+
 class MergeConvBorder(Pass):
     name = "merge-conv-border"
     summary = "merge a padded conv after a spatial conv (exact in the interior only; --allow-border)"
@@ -343,12 +351,11 @@ class MergeConvBorder(Pass):
         after = cost.conv_cost(merged, shape)
         if not ctx.options.fold_all and not cost.pays(before, after):
             return Reject(f"merging does not pay ({cost.ratio_text(before, after)}); --fold-all merges anyway")
-        match.data["merged"], match.data["benefit"] = merged, before - after
-        return Approx(math.inf, "measured on calibration data only")
+        return Approx(math.inf, "measured on calibration data only", BorderMerge(merged, before - after))
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         first, second = match.nodes
-        merged: kernels.ConvParams = match.data["merged"]
+        merged = decision.plan.merged
         x, out = first.inputs[0], second.outputs[0]
         detach([first, second])
         conv = make_conv(ctx.scope, f"{first.name}_border_merged", x, out, merged, merged.weight.dtype)

@@ -18,20 +18,27 @@ import onnx_graphsurgeon as gs
 
 from graphfold import cost, kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import bypass, bypass_reason, const_value, conv_params, detach, float_const, make_const, \
+from graphfold.graph import broadcast_keeps_shape, bypass, bypass_reason, const_value, conv_params, detach, float_const, make_const, \
     make_conv, make_var, producer, sole_consumer
 from graphfold.passes.conv_chain import conv_reason
 
 SUM_OPS = ("Add", "Sum")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Term:
-    """One summand: the node computing it (None for the identity), its input, its conv form."""
+    """One summand: the node computing it (None for the identity) and its input."""
 
     node: gs.Node | None
     source: gs.Tensor
-    params: kernels.ConvParams | None = None
+
+
+@dataclass(frozen=True)
+class BranchMerge:
+    """What the check hands the rewrite: the merged conv, and a constant map added after it (or None)."""
+
+    merged: kernels.ConvParams
+    offset: np.ndarray | None
 
 
 def _term(ctx: FoldContext, tensor: gs.Tensor, owner: gs.Node) -> Term:
@@ -56,6 +63,37 @@ def _flatten_sum(ctx: FoldContext, node: gs.Node) -> tuple[list[gs.Node], list[t
         else:
             terms.append((tensor, owner))
     return sums, terms
+
+
+def _term_params(ctx: FoldContext, terms: list[Term]) -> list[kernels.ConvParams] | str:
+    """Each summand as a conv over the shared input (the identity and BatchNorms as 1x1 convs
+    matching the convs' groups), or why one cannot be."""
+    convs = [t for t in terms if t.node is not None and t.node.op == "Conv"]
+    for t in convs:
+        reason = conv_reason(ctx, t.node)
+        if reason:
+            return reason
+    spatial = ctx.static_spatial(terms[0].source)
+    forms = {id(t): conv_params(t.node, spatial) for t in convs}
+    first = forms[id(convs[0])]
+    params = []
+    for t in terms:
+        if t.node is not None and t.node.op == "BatchNormalization":
+            form = _bn_as_conv(t.node, first.rank)
+            if form is None:
+                return "a BatchNormalization branch is not in inference mode with constant parameters"
+        elif t.node is None:
+            groups = {p.group for p in forms.values()}
+            group = groups.pop() if len(groups) == 1 else 1
+            if first.out_channels % group:
+                group = 1
+            form = kernels.identity_params(first.out_channels, (1,) * first.rank, first.weight.dtype, group)
+        else:
+            form = forms[id(t)]
+        params.append(form)
+    if len({p.weight.dtype for p in params}) != 1:
+        return "branches have different weight dtypes"
+    return params
 
 
 def _bn_as_conv(node: gs.Node, rank: int) -> kernels.ConvParams | None:
@@ -96,49 +134,30 @@ class MergeParallelBranches(Pass):
         terms: list[Term] = match.data["terms"]
         if len({id(t.source) for t in terms}) != 1:
             return Reject("branches read different tensors (a residual branch that is not one linear conv)")
-        convs = [t for t in terms if t.node is not None and t.node.op == "Conv"]
-        for t in convs:
-            reason = conv_reason(ctx, t.node)
-            if reason:
-                return Reject(reason)
-        spatial = ctx.static_spatial(terms[0].source)
-        for t in convs:
-            t.params = conv_params(t.node, spatial)
-        rank = convs[0].params.rank
-        for t in terms:
-            if t.node is not None and t.node.op == "BatchNormalization":
-                t.params = _bn_as_conv(t.node, rank)
-                if t.params is None:
-                    return Reject("a BatchNormalization branch is not in inference mode with constant parameters")
-            elif t.node is None:
-                groups = {c.params.group for c in convs}
-                group = groups.pop() if len(groups) == 1 else 1
-                channels = convs[0].params.out_channels
-                if channels % group:
-                    group = 1
-                t.params = kernels.identity_params(channels, (1,) * rank, convs[0].params.weight.dtype, group)
-        if len({t.params.weight.dtype for t in terms}) != 1:
-            return Reject("branches have different weight dtypes")
+        params = _term_params(ctx, terms)
+        if isinstance(params, str):
+            return Reject(params)
         # Everything up to the cost decision needs only the merged conv's shape: its weights,
         # the one heavy computation here, are summed only for a merge that will be made.
         try:
-            shape_only = kernels.parallel_shape([t.params for t in terms])
+            shape_only = kernels.parallel_shape(params)
         except kernels.NotMergeable as exc:
             return Reject(str(exc))
         offset = self._constant_offset(ctx, match, shape_only)
         if isinstance(offset, str):
             return Reject(offset)
         map_offset = offset is not None and offset.ndim > 1
-        reason = None if ctx.options.fold_all else self._cost_reason(ctx, match, terms, shape_only, map_offset)
+        reason = None if ctx.options.fold_all else self._cost_reason(ctx, match, terms, params, shape_only,
+                                                                     map_offset)
         # With mixed groups the shape's group is a lower bound (the weights may show more groups).
-        if reason and len({t.params.group for t in terms}) == 1:
+        if reason and len({p.group for p in params}) == 1:
             return Reject(reason)
         try:
-            merged = kernels.merge_parallel([t.params for t in terms])
+            merged = kernels.merge_parallel(params)
         except kernels.NotMergeable as exc:
             return Reject(str(exc))
         if reason and merged.group != shape_only.group:
-            reason = self._cost_reason(ctx, match, terms, merged, map_offset)
+            reason = self._cost_reason(ctx, match, terms, params, merged, map_offset)
         if reason:
             return Reject(reason)
         if offset is not None and not map_offset:
@@ -146,18 +165,17 @@ class MergeParallelBranches(Pass):
             merged = kernels.ConvParams(merged.weight, (merged.bias + offset).astype(merged.bias.dtype),
                                         merged.strides, merged.dilations, merged.pads, merged.group)
             offset = None
-        match.data["merged"], match.data["offset"] = merged, offset
-        return Exact()
+        return Exact(plan=BranchMerge(merged, offset))
 
     @staticmethod
-    def _cost_reason(ctx: FoldContext, match: Match, terms: list[Term], merged: kernels.ConvParams,
-                     map_offset: bool) -> str | None:
+    def _cost_reason(ctx: FoldContext, match: Match, terms: list[Term], params: list[kernels.ConvParams],
+                     merged: kernels.ConvParams, map_offset: bool) -> str | None:
         """Why the merge would not pay, or None; ``merged`` need only have the merged conv's shape."""
         shape = ctx.concrete_shape(terms[0].source)
         out_shape = ctx.concrete_shape(match.anchor.outputs[0])
         # A constant-map Add (say a border correction) is there before and after; it cannot fuse.
         map_add = cost.elementwise_cost(out_shape, unfusable=True) if map_offset else 0.0
-        before = sum(cost.conv_cost(t.params, shape) for t in terms if t.node is not None) + map_add
+        before = sum(cost.conv_cost(p, shape) for t, p in zip(terms, params) if t.node is not None) + map_add
         before += (len(match.data["sums"]) - map_offset) * cost.elementwise_cost(out_shape)
         after = cost.conv_cost(merged, shape) + map_add
         if cost.pays(before, after):
@@ -166,33 +184,29 @@ class MergeParallelBranches(Pass):
 
     @staticmethod
     def _constant_offset(ctx: FoldContext, match: Match, merged: kernels.ConvParams) -> np.ndarray | str | None:
-        """The summed constant terms: a [M] vector, a map that keeps the output shape, or a reason."""
+        """The summed constant terms: a [M] vector (more bias), a map of rank 2 or more, or a reason."""
         constants = match.data["constants"]
         if not constants:
             return None
-        out_shape = ctx.static_shape(match.anchor.outputs[0])
         try:
             total = sum(np.asarray(c, np.float64) for c in constants)
         except ValueError:
             return "constant terms do not broadcast together"
         if any(c.dtype != merged.weight.dtype for c in constants):
             return "constant terms have another dtype than the weights"
-        rank = merged.rank + 2
-        if total.ndim <= rank and all(d == 1 for i, d in enumerate((1,) * (rank - total.ndim) + total.shape) if i != 1):
-            padded = total.reshape((1,) * (rank - total.ndim) + total.shape)
-            return np.broadcast_to(padded.reshape(-1), (merged.out_channels,)).copy() \
-                if padded.shape[1] in (1, merged.out_channels) else "constant term does not match the channels"
-        if out_shape is None or any(d is None for d in out_shape[1:]) or total.ndim > len(out_shape):
-            return "a constant map is added and the output's static shape is unknown"
-        if np.broadcast_shapes(tuple(d or 1 for d in out_shape), total.shape) != tuple(d or 1 for d in out_shape):
-            return "a constant term broadcasts the sum to a larger shape"
-        return total
+        # A constant that varies along channels only (and so cannot grow the sum) is more bias.
+        channels_only = [None] * (merged.rank + 2)
+        channels_only[1] = merged.out_channels
+        if broadcast_keeps_shape(channels_only, total.shape):
+            return np.broadcast_to(total.reshape(-1), (merged.out_channels,)).copy()
+        # Anything else stays an Add after the merged conv, broadcasting the sum as it did before
+        # (given 2 dims at least, so that it is not taken for a per-channel vector).
+        return total.reshape((1,) * max(0, 2 - total.ndim) + total.shape)
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         add = match.anchor
         terms: list[Term] = match.data["terms"]
-        merged: kernels.ConvParams = match.data["merged"]
-        offset = match.data["offset"]
+        merged, offset = decision.plan.merged, decision.plan.offset
         x, out = terms[0].source, add.outputs[0]
         removed = list(match.data["sums"]) + [t.node for t in terms if t.node is not None]
         detach(removed)

@@ -63,26 +63,40 @@ class FoldConstants(Pass):
         if "too_large" in match.data:
             return Reject(f"result is {match.data['too_large'] / 2**20:.0f} MiB, "
                           f"over the {FOLD_SIZE_LIMIT // 2**20} MiB constant-folding limit")
-        return Exact()
+        values = _evaluate(ctx)
+        if not values:
+            return Reject("onnxruntime could not evaluate these constant nodes")
+        return Exact(plan=values)
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
-        _float32_constants(ctx.graph)
-        ctx.graph.toposort()
-        nodes = [n for n in ctx.graph.nodes if n.outputs]
-        # One onnxruntime session for all constants first; only if that fails, one per output
-        # ("basic" partitioning copies the graph for each, quadratic on a large model).
-        for partitioning in (None, "basic"):
-            with _static_shapes(ctx), _no_inexact_cast_elision(ctx.graph):
-                _fold_with_graphsurgeon(ctx.graph, partitioning)
-            # graphsurgeon turns a folded node's outputs into Constants and disconnects them from it;
-            # what it leaves (over the limit, or not evaluable) is no change and the engine skips it.
-            # Shape folding reaches past the matched nodes (a Gather of a Shape, the Concat after it).
-            folded = [n for n in nodes if all(isinstance(t, gs.Constant) for t in n.outputs)]
-            if folded:
-                break
+        values: dict[str, np.ndarray] = decision.plan
+        # Shape folding reaches past the matched nodes (a Gather of a Shape, the Concat after it).
+        folded = [n for n in ctx.graph.nodes if n.outputs and all(t.name in values for t in n.outputs)]
         for node in folded:
+            for tensor in node.outputs:
+                tensor.to_constant(values[tensor.name])
             node.outputs.clear()
         return Change(folded, [], f"folded {len(folded)} constant node(s)", count=len(folded))
+
+
+def _evaluate(ctx: FoldContext) -> dict[str, np.ndarray]:
+    """The values of the node outputs that fold, by tensor name, computed on a copy of the graph
+    (weights shared, not copied) so that ``check`` leaves the graph as it found it."""
+    clone = ctx.graph.copy()
+    _float32_constants(clone)
+    clone.toposort()
+    nodes = [n for n in clone.nodes if n.outputs]
+    # One onnxruntime session for all constants first; only if that fails, one per output
+    # ("basic" partitioning copies the graph for each, quadratic on a large model).
+    for partitioning in (None, "basic"):
+        with _static_shapes(ctx, clone), _no_inexact_cast_elision(clone):
+            _fold_with_graphsurgeon(clone, partitioning)
+        # graphsurgeon turns a folded node's outputs into Constants and disconnects them from it;
+        # what it leaves (over the limit, or not evaluable) is not folded.
+        folded = [n for n in nodes if all(isinstance(t, gs.Constant) for t in n.outputs)]
+        if folded:
+            return {t.name: t.values for n in folded for t in n.outputs}
+    return {}
 
 
 def _fold_with_graphsurgeon(graph: gs.Graph, partitioning: str | None) -> None:
@@ -103,17 +117,17 @@ class _static_shapes:
     the exported model's value_info is what it was. It ignores ``Shape``'s start/end attributes
     (opset 15), so the tensors such a Shape reads show it no shape at all."""
 
-    def __init__(self, ctx: FoldContext) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: FoldContext, graph: gs.Graph) -> None:
+        self.ctx, self.graph = ctx, graph
         self.saved: list[tuple[gs.Variable, object]] = []
 
     def __enter__(self) -> None:
-        for tensor in self.ctx.graph.tensors().values():
+        for tensor in self.graph.tensors().values():
             shape = self.ctx.static_shapes.get(tensor.name)
             if isinstance(tensor, gs.Variable) and shape is not None:
                 self.saved.append((tensor, tensor.shape))
                 tensor.shape = list(shape)
-        for node in self.ctx.graph.nodes:
+        for node in self.graph.nodes:
             if node.op == "Shape" and ("start" in node.attrs or "end" in node.attrs):
                 tensor = node.inputs[0]
                 if isinstance(tensor, gs.Variable):

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from graphfold import kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import const_value, conv_params, detach, make_const, make_var, producer, sole_consumer
+from graphfold.graph import broadcast_keeps_shape, const_value, conv_params, detach, make_const, make_var, producer, sole_consumer
 
 # Maps larger than this are not propagated: the constant would bloat the model.
 MAX_MAP_ELEMENTS = 1 << 22
@@ -29,16 +29,6 @@ def _constant_add(node: gs.Node | None) -> tuple[gs.Tensor, np.ndarray] | None:
         return None
     side = 0 if values[0] is None else 1
     return node.inputs[side], values[1 - side]
-
-
-def _keeps_shape(shape: tuple | None, value: np.ndarray) -> bool:
-    if shape is None or any(d is None for d in shape[1:]) or value.ndim > len(shape):
-        return False
-    full = tuple(d or 1 for d in shape)
-    try:
-        return np.broadcast_shapes(full, value.shape) == full
-    except ValueError:
-        return False
 
 
 class SinkConstantAdds(Pass):
@@ -65,23 +55,24 @@ class SinkConstantAdds(Pass):
         add, consumer = match.nodes
         v, value = _constant_add(add)
         shape = ctx.static_shape(v)
-        if not _keeps_shape(shape, value):
-            return Reject("the constant's broadcast could change the tensor's shape, or the static shape is unknown")
+        if not broadcast_keeps_shape(shape, value.shape):
+            return Reject("the constant could broadcast the tensor to a larger shape (or its static shape is unknown)")
         if match.data["kind"] == "combine":
             other = _constant_add(consumer)[1]
-            if not _keeps_shape(shape, other) or other.dtype != value.dtype:
+            if not broadcast_keeps_shape(shape, other.shape) or other.dtype != value.dtype:
                 return Reject("the second constant could change the tensor's shape or dtype")
             return Exact()
+        if any(d is None for d in shape[1:]):
+            return Reject("the tensor's channel and spatial dims are not static, so the moved map cannot be built")
         params = conv_params(consumer, shape[2:])
         if params is None:
             return Reject(f"Conv {consumer.name!r} weights are not float constants")
         if value.dtype != params.weight.dtype:
             return Reject("constant and weights have different dtypes")
         out_shape = ctx.static_shape(consumer.outputs[0])
-        if out_shape is None or np.prod([d or 1 for d in out_shape[1:]]) > MAX_MAP_ELEMENTS:
+        if out_shape is None or _map_batch(shape, value) * np.prod([d or 1 for d in out_shape[1:]]) > MAX_MAP_ELEMENTS:
             return Reject("the conv's output map is too large or of unknown shape")
-        match.data["params"] = params
-        return Exact()
+        return Exact(plan=params)
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         add, consumer = match.nodes
@@ -95,9 +86,10 @@ class SinkConstantAdds(Pass):
                            inputs=[v, make_const(ctx.scope, f"{consumer.name}.map", total)], outputs=[out])
             ctx.graph.nodes.append(node)
             return Change([add, consumer], [node], "combined two constant-map Adds")
-        params: kernels.ConvParams = match.data["params"]
+        params: kernels.ConvParams = decision.plan
         shape = ctx.static_shape(v)
-        full = np.broadcast_to(value, (1, *[d or 1 for d in shape[1:]]))
+        # A map with a batch dim (equal to the tensor's static batch) stays one map per sample.
+        full = np.broadcast_to(value, (_map_batch(shape, value), *shape[1:]))
         linear = kernels.ConvParams(params.weight, np.zeros_like(params.bias), params.strides, params.dilations,
                                     params.pads, params.group)
         moved = kernels.conv_reference(full.astype(np.float64), linear).astype(value.dtype)
@@ -111,3 +103,8 @@ class SinkConstantAdds(Pass):
         detach([add, consumer])
         ctx.graph.nodes.extend([conv, sunk])
         return Change([add, consumer], [conv, sunk], f"moved a constant map through Conv {consumer.name!r}")
+
+
+def _map_batch(shape: tuple, value: np.ndarray) -> int:
+    """The batch size of ``value`` broadcast against a tensor of ``shape`` (1 unless it has one)."""
+    return int(value.shape[0]) if value.ndim == len(shape) else 1

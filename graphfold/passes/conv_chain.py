@@ -143,8 +143,7 @@ class MergeConvChains(Pass):
         best, why = self._best_split(ctx, chain, params, singles)
         if all(seg.stop - seg.start == 1 for seg in best):
             return Reject(next((reason for reason in reasons if reason), why))
-        match.data["segments"] = best
-        return Exact()
+        return Exact(plan=best)
 
     def _best_split(self, ctx: FoldContext, chain, params, singles) -> tuple[list[Segment], str]:
         """Dynamic programme over split points: cheapest (or, with fold_all, fewest-conv) cover."""
@@ -187,7 +186,8 @@ class MergeConvChains(Pass):
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         chain = match.nodes
         removed, added, parts = [], [], []
-        for seg in match.data["segments"]:
+        segments: list[Segment] = decision.plan
+        for seg in segments:
             if seg.stop - seg.start == 1:
                 continue
             first, last = chain[seg.start], chain[seg.stop - 1]

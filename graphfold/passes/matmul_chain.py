@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from graphfold import kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import const_value, detach, float_const, is_shared, make_const, make_var, single_use_reason, \
+from graphfold.graph import broadcast_keeps_shape, const_value, detach, float_const, is_shared, make_const, make_var, single_use_reason, \
     sole_consumer
 
 
@@ -69,8 +69,7 @@ def _bias_add(ctx: FoldContext, node: gs.Node, columns: int) -> gs.Node | None:
     # A bias of more dims than the output, or varying along rows, would change the result's shape
     # or be no bias at all; such an Add stays after the merged layer.
     rank = len(out_shape) if out_shape is not None else 1
-    if value is None or value.ndim > rank or value.size not in (1, columns) or \
-            (value.size > 1 and value.shape[-1] != columns):
+    if value is None or not broadcast_keeps_shape([None] * (rank - 1) + [columns], value.shape):
         return None
     return add
 
@@ -185,10 +184,10 @@ class MergeMatMulChains(Pass):
         if merged:
             try:
                 # Composed here, not in rewrite, so a product that does not fit the dtype declines.
-                match.data["segments"] = [(start, stop, _compose(layers[start:stop])) for start, stop in merged]
+                plan = [(start, stop, _compose(layers[start:stop])) for start, stop in merged]
             except kernels.NotMergeable as exc:
                 return Reject(str(exc))
-            return Exact()
+            return Exact(plan=plan)
         first = next((reason for reason in reasons if reason), None)
         if first:
             return Reject(first)
@@ -198,7 +197,7 @@ class MergeMatMulChains(Pass):
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         layers: list[Layer] = match.data["layers"]
         removed, added, parts = [], [], []
-        for start, stop, (weight, bias) in match.data["segments"]:
+        for start, stop, (weight, bias) in decision.plan:
             segment = layers[start:stop]
             nodes = [n for layer in segment for n in layer.nodes]
             detach(nodes)

@@ -182,11 +182,14 @@ def test_declines_a_training_mode_batchnorm_branch():
     assert_declines(n.model("y"), PARALLEL, "a BatchNormalization branch is not in inference mode")
 
 
-def test_declines_a_constant_map_on_dynamic_dims():
+def test_a_constant_map_on_dynamic_dims_stays_an_add_after_the_merged_conv():
+    # The map may broadcast the sum (W of 1 grows to 8); after the merged conv it still does.
     n = Net(["N", 8, "H", "W"])
     n.op("Add", [n.conv("x", "a", 8, 8, 3, pads=SAME), n.random("m", [1, 8, 1, 8])], "s")
     n.op("Add", ["s", n.conv("x", "b", 8, 8, 1)], "y")
-    assert_declines(n.model("y"), PARALLEL, "a constant map is added and the output's static shape is unknown")
+    model = n.model("y")
+    for shape in ([2, 8, 5, 1], [1, 8, 5, 8]):
+        assert_folds(model, PARALLEL, 1, ["Conv", "Add"], shapes={"x": shape}, fold_all=True)
 
 
 def test_declines_a_shared_weight():
@@ -275,9 +278,21 @@ branch_spec = st.fixed_dictionaries({
     "dilation": st.sampled_from([1, 2]), "pad_begin": st.integers(0, 2), "group": st.sampled_from([1, 4])})
 
 
-@settings(max_examples=25, deadline=None)
-@given(branches=st.lists(branch_spec, min_size=2, max_size=3), stride=st.sampled_from([1, 2]))
-def test_whatever_merges_matches_onnxruntime(branches, stride):
+def test_whatever_merges_matches_onnxruntime():
+    merged = []
+
+    @settings(max_examples=25, deadline=None, derandomize=True)
+    @given(branches=st.lists(branch_spec, min_size=2, max_size=3), stride=st.sampled_from([1, 2]))
+    def case(branches, stride):
+        merged.append(_fold_branch_sum(branches, stride))
+
+    case()
+    # A property that holds because every case declines tests nothing.
+    assert sum(merged) >= len(merged) // 3, f"only {sum(merged)} of {len(merged)} cases merged"
+
+
+def _fold_branch_sum(branches: list[dict], stride: int) -> bool:
+    """Whether the sum of ``branches`` merged; either way the result matches onnxruntime."""
     # Each conv gets the end padding that keeps its output at the size of the first branch's.
     n = Net([1, 4, 9, 9])
     size = None
@@ -301,3 +316,4 @@ def test_whatever_merges_matches_onnxruntime(branches, stride):
     folded, report = fold_only(model, PARALLEL, fold_all=True)
     assert len(report.rewrites) + len(report.declines) >= 1
     assert_same_outputs(model, folded, seeds=(0,))
+    return bool(report.rewrites)
