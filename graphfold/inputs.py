@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -232,8 +232,10 @@ def resolve_shapes(model: onnx.ModelProto, input_shapes: ShapeMap | None = None,
     return {vi.name: resolve_shape(vi, input_shapes, batch) for vi in real_inputs(model.graph)}
 
 
-def random_array(elem_type: int, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """Seeded data for one input: N(0, 1) floats, small non-negative integers, random bools."""
+def random_array(elem_type: int, shape: Sequence[int], rng: np.random.Generator,
+                 full_integers: bool = False) -> np.ndarray:
+    """Seeded data for one input: N(0, 1) floats, random bools, and small non-negative integers
+    (with ``full_integers``: integers over the whole dtype, see ``spanning_integers``)."""
     dtype = helper.tensor_dtype_to_np_dtype(elem_type)
     size = math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
     if size > MAX_INPUT_BYTES:
@@ -243,6 +245,8 @@ def random_array(elem_type: int, shape: Sequence[int], rng: np.random.Generator)
         # A comparison of a 0-d array gives a numpy scalar, which onnxruntime refuses.
         return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(dtype, np.integer):
+        if full_integers:
+            return spanning_integers(np.dtype(dtype), shape, rng)
         # Small non-negative values stay valid as indices, lengths and class ids in most graphs.
         return rng.integers(0, 3, size=shape).astype(dtype)
     if np.issubdtype(dtype, np.floating):
@@ -251,10 +255,26 @@ def random_array(elem_type: int, shape: Sequence[int], rng: np.random.Generator)
                      "give real inputs instead")
 
 
+def spanning_integers(dtype: np.dtype, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """Integers spread over the dtype's whole range, with its minimum and maximum (where integer
+    arithmetic wraps: ``Abs(-128) = -128`` in int8) and values near zero among them."""
+    info = np.iinfo(dtype)
+    values = np.asarray(rng.integers(info.min, info.max, size=tuple(shape), dtype=dtype, endpoint=True))
+    flat = values.reshape(-1)
+    near_zero = rng.random(flat.size) < 0.25
+    flat[near_zero] = rng.integers(max(int(info.min), -3), 4, size=int(near_zero.sum()))
+    specials = rng.permutation(np.array(sorted({int(info.min), int(info.max), 0, 1, max(int(info.min), -1)}), dtype))
+    count = min(flat.size, len(specials))
+    flat[rng.choice(flat.size, count, replace=False)] = specials[:count]
+    return values
+
+
 def make_inputs(model: onnx.ModelProto, input_shapes: ShapeMap | None = None, seed: int = 0,
-                batch: int | None = None, values: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                batch: int | None = None, values: Mapping[str, np.ndarray] | None = None,
+                full_integers: bool = False) -> dict[str, np.ndarray]:
     """Seeded random feeds for every run-time input of ``model``, but the given ``values``
-    (fitted by ``fit_input_values``; a 0-d one for a tensor input fills it)."""
+    (fitted by ``fit_input_values``; a 0-d one for a tensor input fills it). Random integers
+    span their whole dtype with ``full_integers``, else they are small and non-negative."""
     check_names(model, input_shapes)
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -265,7 +285,18 @@ def make_inputs(model: onnx.ModelProto, input_shapes: ShapeMap | None = None, se
             continue
         shape = resolve_shape(vi, input_shapes, batch)
         if value is None:
-            feeds[vi.name] = random_array(vi.type.tensor_type.elem_type, shape, rng)
+            feeds[vi.name] = random_array(vi.type.tensor_type.elem_type, shape, rng, full_integers)
         else:
             feeds[vi.name] = np.full(shape, value)
     return feeds
+
+
+def with_small_integers(feeds: Mapping[str, np.ndarray], seed: int = 0,
+                        keep: Collection[str] = ()) -> dict[str, np.ndarray] | None:
+    """``feeds`` with every integer input but those in ``keep`` (values the user gave) redrawn
+    small and non-negative, valid as an index or a size; None when there is none to redraw."""
+    rng = np.random.default_rng(seed)
+    redraw = {k for k, v in feeds.items() if k not in keep and np.issubdtype(np.asarray(v).dtype, np.integer)}
+    if not redraw:
+        return None
+    return {k: rng.integers(0, 3, size=np.shape(v)).astype(v.dtype) if k in redraw else v for k, v in feeds.items()}

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from graphfold.errors import UsageError, first_line
-from graphfold.inputs import make_inputs, real_inputs, shapes_text, ShapeMap
+from graphfold.inputs import make_inputs, real_inputs, shapes_text, ShapeMap, with_small_integers
 from graphfold.io import session_source
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
     batches = list(feeds) if feeds is not None else list(_random_feeds(reference, input_shapes, seeds, input_values))
     worst: dict[str, OutputError] = {}
     spreads = _Spreads()
-    used = []
+    used, notes = [], []
     for index, batch in enumerate(batches, 1):
         if progress:
             progress(f"validating {index}/{len(batches)}")
@@ -212,11 +212,17 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
         try:
             ref_out = ref_runner.run(batch)
         except Exception as exc:
-            # The original failing is the input's fault (or the given shapes'), not graphfold's.
-            shapes = shapes_text(used[-1])
-            raise UsageError(f"onnxruntime cannot run the original model on inputs {shapes} "
-                             f"(choose them with --input-shape, or give values with --input-value NAME:VALUE): "
-                             f"{first_line(exc)}") from None
+            small = with_small_integers(batch, index, keep=input_values or {}) if feeds is None else None
+            if small is None:
+                _cannot_run_original(exc, used[-1])
+            # Integers over their whole dtype can be out of range as indices or sizes.
+            notes.append("the original cannot run on integer inputs spanning their dtype; "
+                         "compared on small non-negative integers instead (--input-value sets real values)")
+            batch = small
+            try:
+                ref_out = ref_runner.run(batch)
+            except Exception as again:
+                _cannot_run_original(again, used[-1])
         try:
             cand_out = cand_runner.run(batch)
         except Exception as exc:
@@ -232,7 +238,15 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
     outputs = [worst[n] for n in ref_runner.output_names if n in worst]
     for output in outputs:
         output.weak = spreads.weakness(output.name, rtol, atol)
-    return ValidationResult(all(o.passed for o in outputs), outputs, used, rtol, atol, source)
+    return ValidationResult(all(o.passed for o in outputs), outputs, used, rtol, atol, source,
+                            list(dict.fromkeys(notes)))
+
+
+def _cannot_run_original(exc: Exception, shapes: Mapping[str, list[int]]) -> None:
+    # The original failing is the input's fault (or the given shapes'), not graphfold's.
+    raise UsageError(f"onnxruntime cannot run the original model on inputs {shapes_text(shapes)} "
+                     f"(choose them with --input-shape, or give values with --input-value NAME:VALUE): "
+                     f"{first_line(exc)}") from None
 
 
 class _Spreads:
@@ -280,4 +294,4 @@ def _random_feeds(model: onnx.ModelProto, input_shapes: ShapeMap | None, seeds: 
     symbolic_batch = bool(symbolic) and not chosen & set(symbolic)
     for i, seed in enumerate(seeds):
         batch = 2 if symbolic_batch and i == len(seeds) - 1 else None
-        yield make_inputs(model, input_shapes, seed=seed, batch=batch, values=values)
+        yield make_inputs(model, input_shapes, seed=seed, batch=batch, values=values, full_integers=True)

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
 from graphfold.graph import broadcast_keeps_shape, bypass, bypass_reason, const_value, producer
@@ -27,6 +28,13 @@ FIXED_RANGE = {"Relu": (0.0, math.inf), "Sigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.
                "Abs": (0.0, math.inf), "Exp": (0.0, math.inf), "Softplus": (0.0, math.inf),
                "Sqrt": (0.0, math.inf), "HardSigmoid": (0.0, 1.0)}
 MAX_RANGE_DEPTH = 16
+# Ops whose (first) output has their first input's dtype: enough to see through the usual
+# chains to a typed graph input or constant when shape inference left intermediates untyped.
+SAME_DTYPE = RANGE_PRESERVING | set(FIXED_RANGE) | {
+    "Clip", "Neg", "Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Concat", "Split", "TopK", "Pad", "Tile",
+    "Expand", "Conv", "ConvTranspose", "MatMul", "Gemm", "BatchNormalization", "PRelu", "LeakyRelu", "Sign"}
+# Second outputs that are indices (int64, never negative): MaxPool's Indices, TopK's Indices.
+INDEX_OUTPUTS = {"MaxPool", "TopK"}
 
 
 def clip_bounds(node: gs.Node) -> Range | None:
@@ -45,13 +53,25 @@ def clip_bounds(node: gs.Node) -> Range | None:
 
 
 def value_range(tensor: gs.Tensor, depth: int = 0) -> Range:
-    """Bounds every element of ``tensor`` provably lies in (NaN aside)."""
+    """Bounds every element of ``tensor`` provably lies in (NaN aside).
+
+    Facts hold per output: a node's other outputs (MaxPool's Indices, Dropout's mask) have
+    ranges of their own. Integer arithmetic wraps: ``Abs(-128) = -128`` in int8.
+    """
     node = producer(tensor)
     if node is None or depth > MAX_RANGE_DEPTH:
         value = const_value(tensor)
         if value is not None and value.size and np.issubdtype(value.dtype, np.number):
             return float(np.min(value)), float(np.max(value))
         return UNBOUNDED
+    if tensor is not node.outputs[0]:
+        if node.op == "Split" and node.inputs:
+            return value_range(node.inputs[0], depth + 1)
+        if node.op in INDEX_OUTPUTS and len(node.outputs) > 1 and tensor is node.outputs[1]:
+            return 0.0, math.inf
+        return UNBOUNDED
+    if node.op == "Abs":
+        return _abs_range(node.inputs[0], depth)
     if node.op in FIXED_RANGE:
         low, high = FIXED_RANGE[node.op]
         if node.op == "Relu":
@@ -65,12 +85,54 @@ def value_range(tensor: gs.Tensor, depth: int = 0) -> Range:
         inner = value_range(node.inputs[0], depth + 1)
         # Clamp both ends: an input range wholly outside the bounds collapses onto one of them.
         return min(max(bounds[0], inner[0]), bounds[1]), min(bounds[1], max(inner[1], bounds[0]))
-    if node.op in RANGE_PRESERVING and node.inputs:
+    if node.op in RANGE_PRESERVING | {"Split", "TopK"} and node.inputs:
         return _widened(node, value_range(node.inputs[0], depth + 1))
     if node.op in ("Concat", "Max", "Min") and node.inputs:
         ranges = [value_range(t, depth + 1) for t in node.inputs]
         return min(r[0] for r in ranges), max(r[1] for r in ranges)
     return UNBOUNDED
+
+
+def _abs_range(x: gs.Tensor, depth: int) -> Range:
+    """The range of ``Abs(x)``: non-negative, except that a signed integer's minimum maps to itself."""
+    dtype = tensor_dtype(x)
+    if dtype is not None and not np.issubdtype(dtype, np.signedinteger):
+        return 0.0, math.inf
+    low, high = value_range(x, depth + 1)
+    # With the dtype unknown, int8's minimum is the largest a signed minimum can be.
+    smallest = float(np.iinfo(dtype).min) if dtype is not None else float(np.iinfo(np.int8).min)
+    if low > smallest:
+        return (0.0 if low <= 0 <= high else min(abs(low), abs(high))), max(abs(low), abs(high))
+    if dtype is None:
+        return UNBOUNDED
+    return float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)
+
+
+def tensor_dtype(tensor: gs.Tensor, depth: int = 0) -> np.dtype | None:
+    """The element type of ``tensor``: as annotated, or traced back through ops that keep their
+    input's type to a typed input, constant or Cast (None when unknown)."""
+    if tensor.dtype is not None:
+        try:
+            return np.dtype(tensor.dtype)
+        except TypeError:
+            return None  # a type numpy has no name for (bfloat16, float8...)
+    node = producer(tensor)
+    if node is None or depth > MAX_RANGE_DEPTH:
+        return None
+    if node.op == "Cast" and "to" in node.attrs:
+        to = node.attrs["to"]
+        try:
+            return np.dtype(helper.tensor_dtype_to_np_dtype(to) if isinstance(to, int) else to)
+        except (TypeError, KeyError):
+            return None
+    if tensor is not node.outputs[0]:
+        if node.op in INDEX_OUTPUTS and tensor is node.outputs[1]:
+            return np.dtype(np.int64)
+        if node.op != "Split":
+            return None
+    if node.op in SAME_DTYPE and node.inputs:
+        return tensor_dtype(node.inputs[0], depth + 1)
+    return None
 
 
 def _widened(node: gs.Node, inner: Range) -> Range:

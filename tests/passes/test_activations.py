@@ -1,12 +1,17 @@
 """remove-identity-activations on 1-4 node graphs: identities go, anything that could change a value stays."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
-from tests.util import Net, assert_declines, assert_folds, fold_only, model_from_text, op_types
+import graphfold
+from graphfold.passes.activations import UNBOUNDED, tensor_dtype, value_range
+from tests.util import Net, assert_declines, assert_folds, fold_only, model_from_text, op_types, run_ort
 
 ACT = ["remove-identity-activations"]
 
@@ -276,3 +281,91 @@ def test_declines_when_a_graph_output_would_become_a_graph_input():
         [mul] y = Mul(x, one)
     }''')
     assert_declines(model, ACT, "graph output 'y' would become a graph input or constant")
+
+
+# --- ranges respect dtype and output: regressions from review ---------------------------------
+
+def test_relu_after_abs_on_int8_keeps_its_relu():
+    # Abs(-128) = -128 in int8: the Relu still has work to do there.
+    model = text_model('''g (int8[2,3] x) => (int8[2,3] y) {
+        [abs] a = Abs(x)
+        [relu] y = Relu(a)
+    }''')
+    folded, report = graphfold.fold(model)  # validated, on integer inputs that include -128
+    assert op_types(folded) == ["Abs", "Relu"], [r.detail for r in report.rewrites]
+    feeds = {"x": np.array([[-128, -1, 0], [1, 127, -127]], np.int8)}
+    np.testing.assert_array_equal(run_ort(folded, feeds)[0], run_ort(model, feeds)[0])
+
+
+@pytest.mark.parametrize("dtype", ["float", "double"])
+def test_relu_after_abs_without_wrap_around_is_removed(dtype):
+    model = text_model(f'''g ({dtype}[2,3] x) => ({dtype}[2,3] y) {{
+        [abs] a = Abs(x)
+        [neg] y = Relu(a)
+    }}''')
+    assert_folds(model, ACT, 1, ["Abs"])
+
+
+def test_relu_after_abs_of_a_relu_on_int8_is_removed():
+    # Relu's output never holds -128, so Abs cannot wrap.
+    model = text_model('''g (int8[2,3] x) => (int8[2,3] y) {
+        [r] r = Relu(x)
+        [abs] a = Abs(r)
+        [relu] y = Relu(a)
+    }''')
+    folded, report = fold_only(model, ACT)
+    assert op_types(folded) == ["Relu", "Abs"]
+
+
+def test_clip_on_maxpool_indices_keeps_its_clip():
+    # The pooled values lie in [0, 1] (a Sigmoid's); the indices do not.
+    model = text_model('''g (float[1,2,4,4] x) => (float[1,2,2,2] p, int64[1,2,2,2] y)
+        <int64 lo = {0}, int64 hi = {1}> {
+        [sig] s = Sigmoid(x)
+        [pool] p, i = MaxPool<kernel_shape = [2, 2], strides = [2, 2]>(s)
+        [clip] y = Clip(i, lo, hi)
+    }''')
+    folded, report = graphfold.fold(model, check=False)
+    assert "Clip" in op_types(folded), [r.detail for r in report.rewrites]
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)}
+    np.testing.assert_array_equal(run_ort(folded, feeds)[1], run_ort(model, feeds)[1])
+
+
+def test_ranges_of_maxpool_and_topk_indices_are_their_own():
+    # Indices are never negative, whatever the values are; a Dropout's mask has no range.
+    model = text_model('''g (float[1,2,4,4] x) => (int64[1,2,2,2] i, int64[1,2,2,4] j, bool[1,2,4,4] m)
+        <int64[1] k = {2}, float ratio = {0.5}, bool train = {1}> {
+        [sig] s = Sigmoid(x)
+        [pool] p, i = MaxPool<kernel_shape = [2, 2], strides = [2, 2]>(s)
+        [topk] v, j = TopK<axis = 2>(s, k)
+        [drop] d, m = Dropout(s, ratio, train)
+    }''')
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    assert value_range(tensors["p"]) == value_range(tensors["v"]) == (0.0, 1.0)
+    assert value_range(tensors["i"]) == value_range(tensors["j"]) == (0.0, math.inf)
+    assert value_range(tensors["m"]) == UNBOUNDED
+    assert tensor_dtype(tensors["j"]) == np.int64
+
+
+@pytest.mark.parametrize("op", ["Split", "TopK"])
+def test_relu_after_split_or_topk_values_of_a_relu_is_removed(op):
+    node = "t, u = Split<axis = 2, num_outputs = 2>(r)" if op == "Split" else "u, t = TopK<axis = 2>(r, k)"
+    model = text_model(f'''g (float[1,2,4,4] x) => (float[1,2,2,4] y) <int64[1] k = {{2}}> {{
+        [r] r = Relu(x)
+        [node] {node}
+        [relu] y = Relu(u)
+    }}''', opset=18)
+    assert_folds(model, ACT, 1, ["Relu", op])
+
+
+def test_relu_after_topk_indices_of_values_in_range_keeps_nothing_wrong():
+    # TopK's second output is indices even when its values are a Sigmoid's: Clip(0, 1) binds.
+    model = text_model('''g (float[1,2,4,4] x) => (int64[1,2,2,4] y, float[1,2,2,4] v)
+        <int64[1] k = {2}, int64 lo = {0}, int64 hi = {1}> {
+        [sig] s = Sigmoid(x)
+        [topk] v, i = TopK<axis = 2>(s, k)
+        [clip] y = Clip(i, lo, hi)
+    }''')
+    folded, report = fold_only(model, None)
+    assert "Clip" in op_types(folded), [r.detail for r in report.rewrites]
