@@ -85,7 +85,7 @@ def _evaluate(ctx: FoldContext) -> dict[str, np.ndarray]:
     clone = ctx.graph.copy()
     _float32_constants(clone)
     clone.toposort()
-    nodes = [n for n in clone.nodes if n.outputs]
+    outputs = [list(n.outputs) for n in clone.nodes if n.outputs]
     # One onnxruntime session for all constants first; only if that fails, one per output
     # ("basic" partitioning copies the graph for each, quadratic on a large model).
     for partitioning in (None, "basic"):
@@ -93,9 +93,10 @@ def _evaluate(ctx: FoldContext) -> dict[str, np.ndarray]:
             _fold_with_graphsurgeon(clone, partitioning)
         # graphsurgeon turns a folded node's outputs into Constants and disconnects them from it;
         # what it leaves (over the limit, or not evaluable) is not folded.
-        folded = [n for n in nodes if all(isinstance(t, gs.Constant) for t in n.outputs)]
-        if folded:
-            return {t.name: t.values for n in folded for t in n.outputs}
+        values = {t.name: t.values for tensors in outputs if all(isinstance(t, gs.Constant) for t in tensors)
+                  for t in tensors}
+        if values:
+            return values
     return {}
 
 

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from graphfold import kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import conv_params, detach, float_const, make_const
+from graphfold.graph import broadcast_keeps_shape, conv_params, detach, float_const, make_const
 from graphfold.passes.affine import per_channel
 
 AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
@@ -58,16 +58,6 @@ def node_affine(node: gs.Node, side: int) -> tuple[np.ndarray, np.ndarray]:
     """``affine_of`` an affine node, in float64 so the map is rounded once, into the weights (ONNX
     types the constant, the data and the reader's weights alike: the model's dtype is kept)."""
     return affine_of(node.op, float_const(node.inputs[1 - side]).astype(np.float64), side)
-
-
-def keeps_shape(x_shape: tuple | None, value: np.ndarray) -> bool:
-    """True when broadcasting ``value`` against a tensor of ``x_shape`` cannot change its shape."""
-    if value.ndim == 0:
-        return True
-    if x_shape is None or value.ndim > len(x_shape):
-        return False
-    padded = (1,) * (len(x_shape) - value.ndim) + value.shape
-    return all(v == 1 or v == s for v, s in zip(padded, x_shape))
 
 
 def _layout(ctx: FoldContext, reader: gs.Node, weight: np.ndarray, x: gs.Tensor) -> tuple[int, int, int] | str:
@@ -106,7 +96,7 @@ def fold_into_reader(ctx: FoldContext, reader: gs.Node, x: gs.Tensor, scale: np.
         return layout
     x_shape = ctx.static_shape(x)
     vectors = [per_channel(v, *layout) for v in (scale, shift)]
-    if not all(keeps_shape(x_shape, v) for v in (scale, shift)) or any(v is None for v in vectors):
+    if not all(broadcast_keeps_shape(x_shape, v.shape) for v in (scale, shift)) or any(v is None for v in vectors):
         return (f"constant of shape {list(scale.shape)} is not a per-channel vector over "
                 f"{reader.op} {reader.name!r}'s {layout[2]} input channels")
     scale_vec, shift_vec = vectors
@@ -204,7 +194,7 @@ class FoldAffineForward(Pass):
             if last is not node:
                 outer, offset = node_affine(last, match.data["shift_side"])
                 scale, remainder = outer * scale, offset / (outer * scale)
-                if not np.all(np.isfinite(remainder)) or not keeps_shape(ctx.static_shape(x), remainder):
+                if not np.all(np.isfinite(remainder)) or not broadcast_keeps_shape(ctx.static_shape(x), remainder.shape):
                     return "the scale cannot move past the shift (a zero scale, or a shift of another shape)"
                 shift = np.zeros_like(scale)
         plans = []
