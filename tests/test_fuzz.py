@@ -373,7 +373,8 @@ class RangeNet:
         else:
             self.x, = self.node(motif if motif != "Split" else "Abs", [x])
         if follow:
-            sensitive = self.draw(st.sampled_from([op for op in ("Relu", "Clip", "Max") if op in RANGE_DTYPES[self.dtype.type]]))
+            sensitive = self.draw(st.sampled_from([op for op in ("Relu", "Clip", "Max")
+                                                   if op in RANGE_DTYPES[self.dtype.type]]))
             if sensitive == "Clip":
                 self.clip(self.x)
             elif sensitive == "Max":

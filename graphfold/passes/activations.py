@@ -169,7 +169,9 @@ def identity_reason(ctx: FoldContext, node: gs.Node, x_index: int = 0) -> str | 
             return "PRelu slope is not constant"
         if not np.all(slope == 1):
             return f"PRelu slopes are not all 1 (min {float(np.min(slope)):.4g}); --snap-slope approximates"
-        return None if broadcast_keeps_shape(ctx.static_shape(node.inputs[0]), slope.shape) else "PRelu slope broadcasts its input larger"
+        if broadcast_keeps_shape(ctx.static_shape(node.inputs[0]), slope.shape):
+            return None
+        return "PRelu slope broadcasts its input larger"
     if op == "LeakyRelu":
         alpha = node.attrs.get("alpha", 0.01)
         return None if alpha == 1 else f"LeakyRelu alpha is {alpha:.4g}, not 1"
@@ -197,7 +199,9 @@ def _arithmetic_reason(ctx: FoldContext, node: gs.Node, x_index: int) -> str | N
     x = node.inputs[x_index]
     if x.dtype is not None and value.dtype != x.dtype:
         return f"{node.op} constant has another dtype than its input"
-    return None if broadcast_keeps_shape(ctx.static_shape(x), value.shape) else f"{node.op} constant broadcasts its input to a larger shape"
+    if broadcast_keeps_shape(ctx.static_shape(x), value.shape):
+        return None
+    return f"{node.op} constant broadcasts its input to a larger shape"
 
 
 class RemoveIdentityActivations(Pass):

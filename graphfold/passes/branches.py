@@ -18,8 +18,8 @@ import onnx_graphsurgeon as gs
 
 from graphfold import cost, kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import broadcast_keeps_shape, bypass, bypass_reason, const_value, conv_params, detach, float_const, make_const, \
-    make_conv, make_var, producer, sole_consumer
+from graphfold.graph import broadcast_keeps_shape, bypass, bypass_reason, const_value, conv_params, detach, \
+    float_const, make_const, make_conv, make_var, producer, sole_consumer
 from graphfold.passes.conv_chain import conv_reason
 
 SUM_OPS = ("Add", "Sum")

@@ -14,7 +14,8 @@ import onnx_graphsurgeon as gs
 
 from graphfold import kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import broadcast_keeps_shape, const_value, conv_params, detach, make_const, make_var, producer, sole_consumer
+from graphfold.graph import broadcast_keeps_shape, const_value, conv_params, detach, make_const, make_var, \
+    sole_consumer
 
 # Maps larger than this are not propagated: the constant would bloat the model.
 MAX_MAP_ELEMENTS = 1 << 22

@@ -21,8 +21,8 @@ import onnx_graphsurgeon as gs
 
 from graphfold import kernels
 from graphfold.engine import Change, Decision, Exact, FoldContext, Match, Pass, Reject
-from graphfold.graph import broadcast_keeps_shape, const_value, detach, float_const, is_shared, make_const, make_var, single_use_reason, \
-    sole_consumer
+from graphfold.graph import broadcast_keeps_shape, const_value, detach, float_const, is_shared, make_const, make_var, \
+    single_use_reason, sole_consumer
 
 
 @dataclass

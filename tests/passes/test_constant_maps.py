@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.util import Net, assert_declines, assert_folds, fold_only, op_types
+from tests.util import Net, assert_declines, assert_folds
 
 SINK = ["sink-constant-adds"]
 
