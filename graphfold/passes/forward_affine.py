@@ -194,7 +194,8 @@ class FoldAffineForward(Pass):
             if last is not node:
                 outer, offset = node_affine(last, match.data["shift_side"])
                 scale, remainder = outer * scale, offset / (outer * scale)
-                if not np.all(np.isfinite(remainder)) or not broadcast_keeps_shape(ctx.static_shape(x), remainder.shape):
+                if not np.all(np.isfinite(remainder)) or \
+                        not broadcast_keeps_shape(ctx.static_shape(x), remainder.shape):
                     return "the scale cannot move past the shift (a zero scale, or a shift of another shape)"
                 shift = np.zeros_like(scale)
         plans = []
@@ -212,14 +213,14 @@ class FoldAffineForward(Pass):
 
     def check(self, ctx: FoldContext, match: Match) -> Decision:
         plans = self._plans(ctx, match)
-        return Reject(plans) if isinstance(plans, str) else Exact()
+        return Reject(plans) if isinstance(plans, str) else Exact(plan=plans)
 
     def rewrite(self, ctx: FoldContext, match: Match, decision: Decision) -> Change:
         node, side = match.anchor, match.data["side"]
         last = match.data.get("shift", node)
         x, y = node.inputs[side], last.outputs[0]
         readers = list(y.outputs)
-        plans, remainder = self._plans(ctx, match)
+        plans, remainder = decision.plan
         added = []
         detach([node, last] if last is not node else [node])
         if remainder is not None:
