@@ -233,8 +233,8 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
             if args.report:
                 _write_text(args.report, report.to_json())
         raise
-    save_model(model, args.output)
-    report.before["file_bytes"], report.after["file_bytes"] = file_bytes(args.input), file_bytes(args.output)
+    written = save_model(model, args.output)
+    report.before["file_bytes"], report.after["file_bytes"] = file_bytes(args.input), written
     if args.report:
         _write_text(args.report, report.to_json())
     console.out(f"graphfold {__version__}: {args.input} -> {args.output}")

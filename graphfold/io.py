@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -204,8 +205,9 @@ def ensure_writable(path: str, input_path: str | None = None) -> None:
         raise UsageError(f"{path}: cannot write in {folder}: {exc.strerror or exc}") from None
 
 
-def save_model(model: onnx.ModelProto, path: str) -> None:
-    """Write ``model`` to ``path`` atomically; large models get ``<name>.data`` beside them."""
+def save_model(model: onnx.ModelProto, path: str) -> int:
+    """Write ``model`` to ``path`` atomically; large models get ``<name>.data`` beside them.
+    Returns the bytes written (the model file and its data file)."""
     target = os.path.abspath(path)
     folder = os.path.dirname(target)
     name = os.path.basename(target)
@@ -214,10 +216,13 @@ def save_model(model: onnx.ModelProto, path: str) -> None:
         staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
         staged = os.path.join(staging, name)
         data_name = _save(model, staged)
+        written = os.path.getsize(staged)
         # onnx writes no data file when every tensor is under its size threshold.
         if data_name is not None and os.path.exists(os.path.join(staging, data_name)):
+            written += os.path.getsize(os.path.join(staging, data_name))
             os.replace(os.path.join(staging, data_name), os.path.join(folder, data_name))
         os.replace(staged, target)
+        return written
     except OSError as exc:
         raise UsageError(f"{path}: cannot write output: {exc.strerror or exc}") from None
     finally:
@@ -230,7 +235,11 @@ def file_bytes(path: str) -> int | None:
     (None if it cannot be read)."""
     try:
         total = os.path.getsize(path)
-        # Without its weights the proto is small; with them inline, parsing costs about a copy.
+        # Only a model that names data files needs parsing, and every external tensor carries the
+        # key "location": a model without that string (most, weights inline) is its file alone,
+        # found by a scan instead of a parse that costs as much as loading the model again.
+        if not _contains(path, b"location"):
+            return total
         model = onnx.load(path, load_external_data=False)
     except (OSError, DecodeError, ValueError):
         return None
@@ -241,6 +250,15 @@ def file_bytes(path: str) -> int | None:
         with contextlib.suppress(OSError):
             total += os.path.getsize(os.path.join(folder, location))
     return total
+
+
+def _contains(path: str, needle: bytes) -> bool:
+    """Whether the file holds ``needle``: searched in a read-only map of it, nothing copied."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return view.find(needle) != -1
 
 
 def needs_data_file(model: onnx.ModelProto) -> bool:
