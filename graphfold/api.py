@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -114,7 +115,8 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
         feeds = data.batches() if data is not None and not data.is_random else None
         try:
             report.validation = compare_models(original, folded, input_shapes=input_shapes, seeds=seeds,
-                                               rtol=rtol, progress=progress, input_values=values, feeds=feeds)
+                                               rtol=rtol, progress=progress, input_values=values, feeds=feeds,
+                                               reference_path=None if model is original else os.fspath(model))
         except UsageError as exc:
             raise UsageError(f"{exc}; --no-check (check=False) folds without validating") from None
         if not report.validation.passed:
