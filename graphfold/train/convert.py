@@ -197,16 +197,18 @@ def _convert_activations(gm: fx.GraphModule, unsupported: str) -> int:
 
 # ---- residual adds -----------------------------------------------------------------------------
 
-def _tensor_ancestors(node: fx.Node, memo: dict[fx.Node, frozenset]) -> frozenset:
-    """``node`` and every node it reads from, but not parameters and constants (get_attr)."""
-    if node in memo:
-        return memo[node]
-    result = {node}
-    for parent in node.all_input_nodes:
-        if parent.op != "get_attr":
-            result |= _tensor_ancestors(parent, memo)
-    memo[node] = frozenset(result)
-    return memo[node]
+def _tensor_ancestors(graph: fx.Graph, upto: fx.Node) -> dict[fx.Node, frozenset]:
+    """For each node up to ``upto``: itself and every node it reads from, parameters (get_attr) aside.
+
+    Built in graph order without recursion, so that very deep networks do not hit Python's limit.
+    """
+    result: dict[fx.Node, frozenset] = {}
+    for node in graph.nodes:
+        reads = [result[p] for p in node.all_input_nodes if p.op != "get_attr"]
+        result[node] = frozenset({node}.union(*reads))
+        if node is upto:
+            break
+    return result
 
 
 def _is_activation_call(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -257,9 +259,9 @@ def _convert_one_add(gm: fx.GraphModule, add: fx.Node, method: str, taken: set[s
     if len(operands) != 2 or add.kwargs.get("alpha", 1) != 1 or any(a.op == "get_attr" for a in operands):
         return False
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    memo: dict[fx.Node, frozenset] = {}
+    ancestors = _tensor_ancestors(gm.graph, add)
     a, b = operands
-    common = _tensor_ancestors(a, memo) & _tensor_ancestors(b, memo)
+    common = ancestors[a] & ancestors[b]
     if not common:
         return False
     source = max(common, key=order.__getitem__)
@@ -268,8 +270,8 @@ def _convert_one_add(gm: fx.GraphModule, add: fx.Node, method: str, taken: set[s
         raise ConversionError(
             f"the add {_describe(add)} broadcasts {shapes[0]} with {shapes[1]}: a residual unit needs "
             "both sides of the same shape (make the broadcast explicit, e.g. with expand, before the add)")
-    inside = _tensor_ancestors(source, memo)
-    sides = [sorted(_tensor_ancestors(o, memo) - inside, key=order.__getitem__) for o in (a, b)]
+    inside = ancestors[source]
+    sides = [sorted(ancestors[o] - inside, key=order.__getitem__) for o in (a, b)]
     region = set(sides[0]) | set(sides[1])
     for node in region:
         stray = [p for p in node.all_input_nodes if p.op != "get_attr" and p is not source and p not in region]
