@@ -9,8 +9,9 @@ default) and returns the model, the folded ONNX model, graphfold's report and a 
 Methods and their choices:
 
 * ``layer-folding``: 60% of the epochs with ``lam * sum|1 - a^2|`` (slopes start at 0); then the
-  activations are ranked by slope and the most linear ones are made identities, as many as keep
-  validation accuracy within ``budget`` points of the trained model's; the padding of the linear
+  activations are ranked by slope and the most linear ones are made identities (the others
+  ReLUs), as many as keep validation accuracy within ``budget`` points of the trained model's
+  (none when no count does); the padding of the linear
   conv chains moves onto their first conv; the rest of the epochs fine-tune.
 * ``implosion``: 50% of the epochs with an L1 on the units' priority scales; then the
   lowest-priority identity unit is erased and the network retrained, repeatedly, while validation
@@ -161,18 +162,18 @@ def snap_to(model: nn.Module, identities: Sequence[str]) -> None:
 
 
 def choose_linear_activations(model: nn.Module, ranked: Sequence[str], val: Data, floor: float) -> list[str]:
-    """The longest prefix of ``ranked`` that, snapped to identities, keeps validation accuracy >= floor."""
-    lo, hi = 0, len(ranked)
-    # Accuracy falls, roughly monotonically, with the number made linear: bisect on the prefix length.
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
+    """The longest prefix of ``ranked`` that, snapped to identities, keeps validation accuracy >= floor.
+
+    Every prefix length is tried, longest first: accuracy need not fall monotonically with the
+    number made linear (snapping every slope to 0 can hurt more than snapping the high ones to 1).
+    One validation pass per activation at most.
+    """
+    for k in range(len(ranked), -1, -1):
         trial = copy.deepcopy(model)
-        snap_to(trial, ranked[:mid])
+        snap_to(trial, ranked[:k])
         if evaluate(trial, *val) >= floor:
-            lo = mid
-        else:
-            hi = mid - 1
-    return list(ranked[:lo])
+            return list(ranked[:k])
+    return []
 
 
 def _implosion(model: nn.Module, train: Data, val: Data, epochs: int, budget: float,
