@@ -15,7 +15,8 @@ Test accuracy is measured once, at the end, on the folded ONNX model under onnxr
 the number of Conv/Gemm nodes on the longest path of graphfold's folded export.
 
     python tools/train_evaluate.py                 # 3 seeds, 2 processes; results in runs/evaluate
-    python tools/train_evaluate.py --write-doc     # ... and the section in docs/training.md
+    python tools/train_evaluate.py --write-doc     # ... and its section in docs/training.md
+    python tools/train_evaluate.py --report-only --write-doc   # rebuild the report from runs/evaluate
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ from graphfold.train.loop import evaluate  # noqa: E402
 from graphfold.train.padding import relocate_padding  # noqa: E402
 
 METHODS = ("implosion", "epsilon", "layer-folding", "fade")
-BEGIN, END = "<!-- evaluation:begin -->", "<!-- evaluation:end -->"
 PAPERS = {
     "implosion": "Network Implosion reports 24.00-42.86% fewer layers with no accuracy drop (CIFAR-10/100, ImageNet)",
     "epsilon": "epsilon-ResNet reports up to ~80% fewer parameters with marginal accuracy loss (CIFAR, SVHN, ImageNet)",
@@ -70,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes (default 2)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "evaluate")
-    p.add_argument("--write-doc", action="store_true", help="rewrite the evaluation section of docs/training.md")
+    p.add_argument("--write-doc", action="store_true", help="rewrite this run's section of docs/training.md")
+    p.add_argument("--section", default="main",
+                   help="name of the docs/training.md section this run writes (default main)")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: rebuild the report from the results already in --out")
     p.add_argument("--one-seed", type=int, help=argparse.SUPPRESS)
     return p
 
@@ -219,21 +223,25 @@ def report(seeds: list[dict], args: argparse.Namespace, command: str, wall: floa
             lines += ["Accuracy against depth along the erasures (validation accuracy after each retraining):", ""]
             for s in seeds:
                 stages = s["results"].get(method, {}).get("stages", [])
-                steps = "; ".join(f"{st['removed']} erased: {st['val_accuracy']:.2f}%" for st in stages
-                                  if st["stage"].startswith("erase"))
-                lines.append(f"- seed {s['seed']}: {steps or 'no erasure tried'}")
+                steps = [f"trained {stages[0]['val_accuracy']:.2f}%"] if stages else []
+                steps += [f"{st['stage'][len('erase '):]} {st['val_accuracy']:.2f}%" for st in stages
+                          if st["stage"].startswith("erase")]
+                lines.append(f"- seed {s['seed']}: {'; '.join(steps) or 'no erasure tried'} "
+                             f"(budget {args.budget} points below the trained network)")
             lines.append("")
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
+def write_doc(text: str, name: str) -> None:
+    """Replace this run's marked section of docs/training.md (append it when it is new)."""
+    begin, end = f"<!-- evaluation-{name}:begin -->", f"<!-- evaluation-{name}:end -->"
     doc = REPO / "docs" / "training.md"
     current = doc.read_text()
-    section = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in current and END in current:
-        current = current[:current.index(BEGIN)] + section + current[current.index(END) + len(END):]
+    section = f"{begin}\n{text}\n{end}"
+    if begin in current and end in current:
+        current = current[:current.index(begin)] + section + current[current.index(end) + len(end):]
     else:
-        current = current.rstrip() + "\n\n## Evaluation on rendered fonts\n\n" + section + "\n"
+        current = current.rstrip() + "\n\n" + section + "\n"
     doc.write_text(current)
 
 
@@ -245,8 +253,12 @@ def main() -> None:
         result = run_seed(args.one_seed, args)
         (args.out / f"seed{args.one_seed}.json").write_text(json.dumps(result, indent=1))
         return
+    if args.report_only:
+        meta = json.loads((args.out / "run.json").read_text())
+        finish(args, meta["command"], meta["wall_s"])
+        return
     started = time.time()
-    forwarded = [a for a in sys.argv[1:] if a != "--write-doc"]
+    forwarded = sys.argv[1:]  # a seed's process ignores --write-doc and --section
     pending, running = list(args.seeds), []
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -257,13 +269,19 @@ def main() -> None:
             running.remove(proc)
             if proc.returncode:
                 sys.exit(f"train_evaluate: a seed's run failed (exit {proc.returncode})")
+    command = ("python tools/train_evaluate.py " + " ".join(forwarded)).strip()
+    wall = time.time() - started
+    (args.out / "run.json").write_text(json.dumps({"command": command, "wall_s": wall}))
+    finish(args, command, wall)
+
+
+def finish(args: argparse.Namespace, command: str, wall: float) -> None:
     seeds = [json.loads((args.out / f"seed{seed}.json").read_text()) for seed in args.seeds]
-    command = "python tools/train_evaluate.py " + " ".join(forwarded)
-    text = report(seeds, args, command.strip(), time.time() - started)
+    text = report(seeds, args, command, wall)
     (args.out / "report.md").write_text(text + "\n")
     print(text)
     if args.write_doc:
-        write_doc(text)
+        write_doc(text, args.section)
 
 
 if __name__ == "__main__":
