@@ -255,6 +255,7 @@ def main() -> None:
         return
     if args.report_only:
         meta = json.loads((args.out / "run.json").read_text())
+        args.jobs = meta.get("jobs", args.jobs)
         finish(args, meta["command"], meta["wall_s"])
         return
     started = time.time()
@@ -271,7 +272,7 @@ def main() -> None:
                 sys.exit(f"train_evaluate: a seed's run failed (exit {proc.returncode})")
     command = ("python tools/train_evaluate.py " + " ".join(forwarded)).strip()
     wall = time.time() - started
-    (args.out / "run.json").write_text(json.dumps({"command": command, "wall_s": wall}))
+    (args.out / "run.json").write_text(json.dumps({"command": command, "wall_s": wall, "jobs": args.jobs}))
     finish(args, command, wall)
 
 
