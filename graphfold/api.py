@@ -18,7 +18,7 @@ from graphfold.exporter import export_model
 from graphfold.external import Spill, has_external_refs
 from graphfold.inputs import (ShapeMap, check_input_shapes, dynamic_inputs, fit_input_values, resolve_shapes,
                               shapes_text, value_shapes)
-from graphfold.io import load_model
+from graphfold.io import load_model, load_model_sized
 from graphfold.options import ApproxOptions
 from graphfold.passes import build_pipeline
 from graphfold.passes.cleanup import quiet_graphsurgeon
@@ -77,7 +77,7 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     values: arrays or numbers by input name, fed by validation and to calibration data that lacks
     them; a scalar for a tensor input fills it.
     """
-    original = as_model(model)
+    original, on_disk = (model, None) if isinstance(model, onnx.ModelProto) else load_model_sized(str(model))
     check_input_shapes(original, input_shapes)
     values = fit_input_values(original, input_values, input_shapes)
     input_shapes = value_shapes(values, input_shapes)
@@ -89,6 +89,8 @@ def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, s
     concrete = infer_concrete(original, input_shapes)
     report = Report(before=model_stats(original, concrete), after={},
                     input_shapes=_safe_resolve(original, input_shapes))
+    if on_disk is not None:
+        report.before["file_bytes"] = on_disk
     data = None  # calibration data, when the approximate stage ran
     if refit:
         refit_options = refit if isinstance(refit, RefitOptions) else RefitOptions()

@@ -20,7 +20,7 @@ from graphfold._version import __version__
 from graphfold.engine import PassError
 from graphfold.errors import GraphfoldError, UsageError, ValidationError
 from graphfold.inputs import parse_input_shape, parse_input_value
-from graphfold.io import ensure_writable, file_bytes, save_model
+from graphfold.io import ensure_writable, save_model
 from graphfold.passes import DEFAULT_PIPELINE
 
 MAIN_EPILOG = """\
@@ -234,7 +234,7 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
                 _write_text(args.report, report.to_json())
         raise
     written = save_model(model, args.output)
-    report.before["file_bytes"], report.after["file_bytes"] = file_bytes(args.input), written
+    report.after["file_bytes"] = written  # fold read the input's size as it loaded it
     if args.report:
         _write_text(args.report, report.to_json())
     console.out(f"graphfold {__version__}: {args.input} -> {args.output}")

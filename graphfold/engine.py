@@ -131,13 +131,18 @@ class FoldContext:
         self.concrete_shapes: dict[str, Shape] = dict(concrete_shapes or {})
         self.scope = NameScope(graph)
         self.declines: list[Decline] = []
+        # No pass creates an If/Loop/Scan, so a graph without one never needs its bodies walked:
+        # ``refresh`` runs after every rewrite.
+        self._has_subgraphs = any(isinstance(attr, gs.Graph) for node in graph.nodes for attr in node.attrs.values())
         self.refresh()
 
     def refresh(self) -> None:
         """Recompute per-graph facts that rewrites may change."""
         # Tensors that an If/Loop/Scan body returns, or that a node in a body alone reads, must
         # survive like graph outputs: no rewrite may fuse this graph's nodes with a body's.
-        self.graph_outputs = {t.name for t in self.graph.outputs} | subgraph_reads(self.graph)
+        self.graph_outputs = {t.name for t in self.graph.outputs}
+        if self._has_subgraphs:
+            self.graph_outputs |= subgraph_reads(self.graph)
 
     def broken_fusion(self, nodes: Iterable[gs.Node]) -> fusions.Fusion | None:
         """The runtime fusion (``graphfold.fusions``) that rewriting ``nodes`` away would break."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import shutil
 import tempfile
@@ -62,19 +61,27 @@ def load_model(path: str, *, check: bool = True, lazy: bool | None = None) -> on
     ``lazy`` is True): then the weights stay on disk, referenced by absolute path, and only
     ``save_model`` writes such a model correctly.
     """
+    return load_model_sized(path, check=check, lazy=lazy)[0]
+
+
+def load_model_sized(path: str, *, check: bool = True, lazy: bool | None = None) -> tuple[onnx.ModelProto, int]:
+    """``load_model``, and the model's bytes on disk (``file_bytes``), read off while loading it:
+    afterwards the model no longer says which data files it came from."""
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
     if os.path.isdir(path):
         raise UsageError(f"{path}: is a directory, not an ONNX file")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{path}: permission denied")
-    if os.path.getsize(path) == 0:
+    size = os.path.getsize(path)
+    if size == 0:
         raise UsageError(f"{path}: empty file, not an ONNX model")
     try:
         # Weights in external data files stay there (memory-mapped when read): see external.py.
         model = onnx.load(path, load_external_data=False)
         if has_external_refs(model):
             base_dir = os.path.dirname(os.path.abspath(path))
+            size += _data_files_bytes(model, base_dir)
             absolutize(model, base_dir)
             if not (lazy if lazy is not None else external_bytes(model) >= LAZY_EXTERNAL_BYTES):
                 load_all(model)
@@ -89,7 +96,7 @@ def load_model(path: str, *, check: bool = True, lazy: bool | None = None) -> on
         raise UsageError(f"{path}: not an ONNX model (no graph)")
     if check:
         check_model(model, path, on_disk=True)
-    return model
+    return model, size
 
 
 def check_model(model: onnx.ModelProto, path: str = "model", on_disk: bool = False) -> None:
@@ -230,35 +237,15 @@ def save_model(model: onnx.ModelProto, path: str) -> int:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def file_bytes(path: str) -> int | None:
-    """Bytes on disk of the model at ``path``: the .onnx file and the external data files it names
-    (None if it cannot be read)."""
-    try:
-        total = os.path.getsize(path)
-        # Only a model that names data files needs parsing, and every external tensor carries the
-        # key "location": a model without that string (most, weights inline) is its file alone,
-        # found by a scan instead of a parse that costs as much as loading the model again.
-        if not _contains(path, b"location"):
-            return total
-        model = onnx.load(path, load_external_data=False)
-    except (OSError, DecodeError, ValueError):
-        return None
-    folder = os.path.dirname(os.path.abspath(path))
+def _data_files_bytes(model: onnx.ModelProto, folder: str) -> int:
+    """Bytes in the external data files ``model`` names (relative to ``folder``), each counted once."""
     locations = {entry.value for tensor in all_tensors(model.graph) if is_external(tensor)
                  for entry in tensor.external_data if entry.key == "location"}
+    total = 0
     for location in locations:
         with contextlib.suppress(OSError):
             total += os.path.getsize(os.path.join(folder, location))
     return total
-
-
-def _contains(path: str, needle: bytes) -> bool:
-    """Whether the file holds ``needle``: searched in a read-only map of it, nothing copied."""
-    with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
-            return False
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            return view.find(needle) != -1
 
 
 def needs_data_file(model: onnx.ModelProto) -> bool:
