@@ -10,17 +10,24 @@ Methods and their choices:
 
 * ``layer-folding``: 60% of the epochs with ``lam * sum|1 - a^2|`` (slopes start at 0); then the
   activations are ranked by slope and the most linear ones are made identities (the others
-  ReLUs), as many as keep validation accuracy within ``budget`` points of the trained model's
+  ReLUs), as many as keep validation accuracy within ``budget`` points of the reference
   (none when no count does); the padding of the linear
   conv chains moves onto their first conv; the rest of the epochs fine-tune.
 * ``implosion``: 50% of the epochs with an L1 on the units' priority scales; then the
   lowest-priority identity unit is erased and the network retrained, repeatedly, while validation
-  accuracy stays within ``budget`` points of the trained network's; the epochs left fine-tune.
+  accuracy stays within ``budget`` points of the reference; the epochs left fine-tune.
 * ``epsilon``: 80% of the epochs with strict-identity gates (eps 0 for the first 20%, then
   ``eps``) and an L1 on each gated branch's last BatchNorm scale; units whose branch stays within
   eps on the training data are erased; the rest of the epochs fine-tune.
 * ``fade``: every skip weight goes from 1 to 0 between 10% and 70% of training (cosine).
 * ``none``: plain training, the baseline.
+
+The reference of the budget is ``reference_accuracy`` when given (the validation accuracy of the
+baseline the method must not fall below, e.g. the plain network trained for as many epochs), else
+the method's own network after its first phase. The latter lets a method whose first phase went
+badly pass its own rule far below the baseline, so an evaluation should pass the baseline's.
+``CompressResult.within_budget`` says whether the choice met the rule (``None``: the method
+makes no budgeted choice), e.g. ``False`` when no count of linear activations reaches the floor.
 """
 from __future__ import annotations
 
@@ -97,6 +104,8 @@ class CompressResult:
     removed: list[str] = field(default_factory=list)
     epochs: int = 0
     depth: int | None = None  # Conv nodes on the longest path of the folded export
+    reference_accuracy: float | None = None  # the validation accuracy the budget was measured against
+    within_budget: bool | None = None  # the budgeted choice met its floor; None: no budgeted choice
 
     def markdown(self) -> str:
         lines = ["| stage | removed | epochs so far | validation accuracy |", "|---|---|---|---|"]
@@ -117,27 +126,48 @@ def conv_depth(model: onnx.ModelProto) -> int:
     return best
 
 
+@dataclass
+class _Budget:
+    """A method's accuracy budget: ``points`` below ``reference`` (given, or its first phase's)."""
+
+    points: float
+    reference: float | None = None
+    met: bool | None = None
+
+    def set_reference(self, first_phase: float) -> None:
+        if self.reference is None:
+            self.reference = first_phase
+
+    @property
+    def floor(self) -> float:
+        return self.reference - self.points
+
+
 def _split(epochs: int, fraction: float) -> tuple[int, int]:
     first = min(epochs, max(1, round(epochs * fraction)))
     return first, epochs - first
 
 
-def _layer_folding(model: nn.Module, train: Data, val: Data, epochs: int, budget: float,
+def _layer_folding(model: nn.Module, train: Data, val: Data, epochs: int, budget: _Budget,
                    options: TrainOptions, lam: float, stages: list[Stage], random: int | None) -> list[str]:
     first, rest = _split(epochs, 0.6)
     options.fit(model, train, first, penalty=lambda m: slope_regularizer(m, lam),
                 after_step=lambda: clip_slopes(model))
-    reference = evaluate(model, *val)
-    stages.append(Stage("trained with slope regularizer", reference, first))
+    trained = evaluate(model, *val)
+    stages.append(Stage("trained with slope regularizer", trained, first))
+    budget.set_reference(trained)
     acts = sorted(folding_activations(model), key=lambda item: -float(item[1].slope.detach().max()))
     if random is None:
-        chosen = choose_linear_activations(model, [name for name, _ in acts], val, reference - budget)
+        chosen = choose_linear_activations(model, [name for name, _ in acts], val, budget.floor)
     else:
         chosen = _random_pick([name for name, _ in acts], random, options.seed)
     snap_to(model, chosen)
     how = " at random" if random is not None else ""
-    stages.append(Stage(f"{len(chosen)} of {len(acts)} activations made identities{how}", evaluate(model, *val),
+    snapped = evaluate(model, *val)
+    stages.append(Stage(f"{len(chosen)} of {len(acts)} activations made identities{how}", snapped,
                         first, len(chosen)))
+    if random is None:  # not met when even no identity at all stays within the floor
+        budget.met = snapped >= budget.floor
     example = train[0][:1]
     relocate_padding(model, example)
     options.fit(model, train, rest, lr_scale=0.5)
@@ -176,14 +206,15 @@ def choose_linear_activations(model: nn.Module, ranked: Sequence[str], val: Data
     return []
 
 
-def _implosion(model: nn.Module, train: Data, val: Data, epochs: int, budget: float,
+def _implosion(model: nn.Module, train: Data, val: Data, epochs: int, budget: _Budget,
                options: TrainOptions, lam: float, stages: list[Stage],
                random: int | None) -> tuple[nn.Module, list[str]]:
     first, rest = _split(epochs, 0.5)
     penalty = lambda m: priority_l1(m, lam)  # noqa: E731
     options.fit(model, train, first, penalty=penalty)
-    reference = evaluate(model, *val)
-    stages.append(Stage("trained with priority L1", reference, first))
+    trained = evaluate(model, *val)
+    stages.append(Stage("trained with priority L1", trained, first))
+    budget.set_reference(trained)
     if random is not None:
         return model, _erase_at_random(model, random, train, val, rest, options, stages, epochs)
     erasable = len(unit_priorities(model))
@@ -195,7 +226,11 @@ def _implosion(model: nn.Module, train: Data, val: Data, epochs: int, budget: fl
         options.fit(candidate, train, retrain_epochs, lr_scale=0.2, penalty=penalty)
 
     max_erasures = min(erasable, rest // retrain_epochs) if rest >= retrain_epochs else 0
-    result = implode(model, retrain, lambda m: evaluate(m, *val), budget, reference, max_erasures=max_erasures)
+    result = implode(model, retrain, lambda m: evaluate(m, *val), budget.points, budget.reference,
+                     max_erasures=max_erasures)
+    # met when the network it keeps is within the floor (the trained one, if nothing was erased)
+    kept = result.steps[len(result.erased) - 1].accuracy if result.erased else trained
+    budget.met = kept >= budget.floor
     used = first
     for k, step in enumerate(result.steps, 1):
         used += retrain_epochs
@@ -271,11 +306,14 @@ def compress(
     fold: bool = True,
     fold_options: dict | None = None,
     random_erasures: int | None = None,
+    reference_accuracy: float | None = None,
 ) -> CompressResult:
     """Compress ``model`` with ``method`` in ``epochs`` epochs in total; see the module docstring.
 
     ``train_data`` and ``val_data`` are ``(images, labels)`` tensors; ``budget`` is the validation
-    accuracy, in points, a method may give up. ``lam`` defaults per method (layer folding 1.0,
+    accuracy, in points, a method may give up below ``reference_accuracy`` (a validation accuracy
+    in percent, e.g. the baseline's on the same split; default: the method's own network after its
+    first phase). ``lam`` defaults per method (layer folding 1.0,
     implosion 1e-3, epsilon 5e-3). The input model is not modified. ``fold=False`` skips the
     export and graphfold (for quick experiments); ``fold_options`` go to ``graphfold.fold``
     (e.g. ``{"fold_all": True}`` to merge conv chains even where the cost model declines).
@@ -297,11 +335,12 @@ def compress(
                              residuals=residuals)
     torch.manual_seed(options.seed)
     stages: list[Stage] = []
+    limit = _Budget(budget, reference_accuracy)
     if method == "layer-folding":
-        removed = _layer_folding(work, train_data, val_data, epochs, budget, options,
+        removed = _layer_folding(work, train_data, val_data, epochs, limit, options,
                                  1.0 if lam is None else lam, stages, random_erasures)
     elif method == "implosion":
-        work, removed = _implosion(work, train_data, val_data, epochs, budget, options,
+        work, removed = _implosion(work, train_data, val_data, epochs, limit, options,
                                    1e-3 if lam is None else lam, stages, random_erasures)
     elif method == "epsilon":
         removed = _epsilon(work, train_data, val_data, epochs, options, 5e-3 if lam is None else lam, eps,
@@ -312,7 +351,8 @@ def compress(
         options.fit(work, train_data, epochs)
         stages.append(Stage("trained", evaluate(work, *val_data), epochs))
         removed = []
-    result = CompressResult(work, None, None, stages, removed, epochs)
+    result = CompressResult(work, None, None, stages, removed, epochs,
+                            reference_accuracy=limit.reference, within_budget=limit.met)
     if fold:
         import graphfold
 

@@ -105,3 +105,25 @@ def test_random_control_erases_as_many(digits):
     assert len(result.removed) == 1 and result.stages[-1].epochs_so_far == 2
     with pytest.raises(ValueError, match="control"):
         compress(PlainResNet(8, 4, 10), train, val, "fade", epochs=1, random_erasures=1)
+
+
+@pytest.mark.parametrize("method", ["layer-folding", "implosion"])
+def test_budget_is_measured_against_the_given_reference(digits, method):
+    # A first phase far below the reference must not pass the rule against itself: with its own
+    # network as the reference the method removes units; against a reference no network of this
+    # run reaches, it removes nothing and says the budget was missed.
+    train, val, _ = digits
+    from tools._plain_nets import PlainResNet
+
+    torch.manual_seed(0)
+    model = PlainResNet(8, 4, 10)
+    kwargs = dict(epochs=2, budget=2.0, options=TrainOptions(seed=0), fold=False)
+    own = compress(model, train, val, method, **kwargs)
+    trained = own.stages[0].val_accuracy
+    assert own.reference_accuracy == trained and own.within_budget is True
+    assert trained < 90.0  # two epochs on 640 images: the reference below is out of reach
+    assert len(own.removed) >= 1
+    against = compress(model, train, val, method, reference_accuracy=100.0, **kwargs)
+    assert against.stages[0].val_accuracy == trained  # the same first phase, judged by another rule
+    assert against.reference_accuracy == 100.0
+    assert against.removed == [] and against.within_budget is False

@@ -54,3 +54,9 @@ def test_evaluation_runs_one_epoch(tmp_path, method):
     assert {"full", "shallow", method} <= set(result)
     assert result["shallow"]["depth"] < result["full"]["depth"]
     assert "**" in (tmp_path / "report.md").read_text()
+    # every method's budget is measured against the baseline of the same seed
+    assert result[method]["reference"] == result["full"]["val"]
+    if method == "layer-folding":  # lambda chosen among the grid's runs, which all stay on record
+        assert {"layer-folding/lam=0.25", "layer-folding/lam=0.5", "layer-folding/lam=1"} <= set(result)
+        chosen = result[f"layer-folding/lam={result[method]['lam']:g}"]
+        assert chosen["val"] == result[method]["val"] and chosen["removed"] == result[method]["removed"]
