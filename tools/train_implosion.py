@@ -4,7 +4,8 @@
 2. ``compress(method="implosion")`` on the same plain network, also ``--epochs`` in total: a
    learnable priority scale on every residual branch (L1 ``--lam``) for half of them, then the
    lowest-priority identity unit is erased and the network retrained, while validation accuracy
-   (20% of the training images, never the test split) stays within ``--budget`` points.
+   (20% of the training images, never the test split) stays within ``--budget`` points of the
+   baseline's.
 3. Both exported with BatchNorm kept, folded by graphfold, evaluated on the test split, timed.
 
     python tools/train_implosion.py
@@ -21,7 +22,8 @@ def main() -> None:
     args = p.parse_args()
     data = common.setup(args, val_fraction=0.2)
     baseline = common.compress_run("none", common.build(args), data, args)
-    result = common.compress_run("implosion", common.build(args), data, args, lam=args.lam)
+    result = common.compress_run("implosion", common.build(args), data, args, lam=args.lam,
+                                 reference_accuracy=baseline.stages[-1].val_accuracy)
     rows = [common.fold_and_measure(f"{args.arch} plain (baseline)", baseline.model, data, args, "baseline"),
             common.fold_and_measure(f"Implosion, {len(result.removed)} units erased", result.model, data, args,
                                     "implosion")]
