@@ -268,15 +268,16 @@ def report(seeds: list[dict], args: argparse.Namespace, command: str, wall: floa
                              f"(budget {args.budget} points below {_reference(s['results'].get(method, {}))})")
             lines.append("")
         if method == "layer-folding":
-            lines += ["lambda chosen on the validation split (validation accuracy after fine-tuning, "
-                      "activations made identities; the chosen one in bold):", ""]
+            lines += ["lambda chosen on the validation split (validation accuracy after the regularized first "
+                      "phase, activations made identities, validation accuracy after fine-tuning; the chosen "
+                      "lambda in bold):", ""]
             for s in seeds:
                 chosen = s["results"].get(method, {}).get("lam")
                 tried = [(key.split("=", 1)[1], r) for key, r in s["results"].items()
                          if key.startswith(f"{method}/lam=")]
                 text = [("**{}**" if chosen is not None and float(lam) == chosen else "{}").format(
-                    f"lambda {lam}: {r['val']:.2f}%, {r['n_removed']} identities"
-                    + ("" if r.get("within_budget", True) else " (no count within the budget: none made identities)"))
+                    f"lambda {lam}: {r['stages'][0]['val_accuracy']:.2f}%, {r['n_removed']} identities"
+                    + ("" if r.get("within_budget", True) else " (budget missed)") + f", {r['val']:.2f}%")
                     for lam, r in tried]
                 lines.append(f"- seed {s['seed']}: {'; '.join(text) or 'lambda not chosen (older run)'} "
                              f"(budget {args.budget} points below {_reference(s['results'].get(method, {}))})")
