@@ -15,7 +15,10 @@ carries dims as sympy expressions through such chains, fills it in.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import os
+import sys
 from typing import Iterator, Mapping, Sequence, Union
 
 import numpy as np
@@ -95,10 +98,29 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _symbolic_shape_infer():
+    """onnxruntime's ``tools/symbolic_shape_infer.py``, loaded on its own: ``onnxruntime.tools``'
+    ``__init__`` imports torch whenever it is installed (1.5 s, and the CLI must not import it)."""
+    name = "graphfold._ort_symbolic_shape_infer"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("onnxruntime is not installed")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "tools", "symbolic_shape_infer.py")
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or not os.path.exists(path):
+        raise ImportError(f"{path}: no symbolic shape inference in this onnxruntime")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
 def _symbolic_inference(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...]]:
     """Shapes from onnxruntime's symbolic inference; empty where it is unavailable or fails."""
     try:
-        from onnxruntime.tools import symbolic_shape_infer as sym
+        sym = _symbolic_shape_infer()
     except Exception as exc:  # sympy missing, or a build without the tools package
         log.info("symbolic shape inference unavailable: %s", exc)
         return {}

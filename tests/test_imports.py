@@ -66,3 +66,24 @@ def test_cli_never_imports_torch(tmp_path, args):
     code, modules = loaded_modules(*[a.format(sample=SAMPLE, out=tmp_path / "out.onnx") for a in args])
     assert code == 0
     assert not _loaded(modules, "torch")
+
+
+_SYMBOLIC_STATS = """
+import json, sys
+from tests.test_stats import shape_arithmetic_model, stats
+macs = stats(shape_arithmetic_model(), {"x": [2, 3, 6, 10]})["macs"]
+print(json.dumps({"macs": macs, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_symbolic_shape_inference_does_not_import_torch():
+    # onnxruntime.tools' __init__ imports torch whenever it is installed; graphfold loads the
+    # symbolic inference module on its own. The MACs prove the inference ran.
+    pytest.importorskip("torch")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", _SYMBOLIC_STATS], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["macs"] == 2 * 6 * 10 * (8 * 3 * 9 + 8 * 5)
+    assert not _loaded(set(result["modules"]), "torch")
