@@ -142,10 +142,22 @@ def _fold_exact(original: onnx.ModelProto, pipeline: Sequence, fold_all: bool, i
     declines = list(ctx.declines)
     # A graphsurgeon graph is a web of reference cycles holding every weight, old and new: free
     # it now rather than whenever the cyclic collector runs, or the next model folded (or the
-    # save that follows) finds it still in memory.
+    # save that follows) finds it still in memory. A full collection costs time in proportion to
+    # the process's objects (0.1 s in a program that has torch loaded), so only where the weights
+    # are worth it.
     del ctx, graph
-    gc.collect()
+    if _weight_elements(original) >= COLLECT_ELEMENTS:
+        gc.collect()
     return folded, rewrites, declines
+
+
+# Weights (elements) above which a fold frees graphsurgeon's graph at once (4M floats: 16 MB).
+COLLECT_ELEMENTS = 2**22
+
+
+def _weight_elements(model: onnx.ModelProto) -> int:
+    """Elements in the main graph's initializers, from their dims (no weight is read)."""
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
 
 
 def _fold_approximate(original: onnx.ModelProto, report: Report, options: ApproxOptions,
