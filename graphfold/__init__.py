@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from graphfold._version import __version__
-from graphfold.api import check, fold, inspect
+from graphfold.api import check, fold, fold_file, inspect
 from graphfold.errors import GraphfoldError, UsageError, ValidationError
 from graphfold.report import Report
 from graphfold.validate import ValidationResult
 
-__all__ = ["__version__", "fold", "inspect", "check", "Report", "ValidationResult",
+__all__ = ["__version__", "fold", "fold_file", "inspect", "check", "Report", "ValidationResult",
            "GraphfoldError", "UsageError", "ValidationError"]

@@ -20,7 +20,7 @@ from graphfold._version import __version__
 from graphfold.engine import PassError
 from graphfold.errors import GraphfoldError, UsageError, ValidationError
 from graphfold.inputs import parse_input_shape, parse_input_value
-from graphfold.io import ensure_writable, save_model
+from graphfold.io import ensure_writable
 from graphfold.passes import DEFAULT_PIPELINE
 
 MAIN_EPILOG = """\
@@ -220,12 +220,11 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
             raise UsageError(f"{args.report}: --report and -o name the same file")
     _quiet_onnxruntime()
     try:
-        model, report = api.fold(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
-                                 fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
-                                 input_values=_values(args.input_value),
-                                 freeze_initializer_inputs=args.freeze_initializer_inputs,
-                                 check=not args.no_check, progress=console.progress,
-                                 **_approximate_kwargs(args))
+        report = api.fold_file(args.input, args.output, passes=_split(args.passes),
+                               skip_passes=_split(args.skip_passes) or (), fold_all=args.fold_all,
+                               input_shapes=_shapes(args.input_shape), input_values=_values(args.input_value),
+                               freeze_initializer_inputs=args.freeze_initializer_inputs,
+                               check=not args.no_check, progress=console.progress, **_approximate_kwargs(args))
     except ValidationError as exc:
         report = getattr(exc, "report", None)
         if report is not None:
@@ -233,8 +232,6 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
             if args.report:
                 _write_text(args.report, report.to_json())
         raise
-    written = save_model(model, args.output)
-    report.after["file_bytes"] = written  # fold read the input's size as it loaded it
     if args.report:
         _write_text(args.report, report.to_json())
     console.out(f"graphfold {__version__}: {args.input} -> {args.output}")

@@ -10,14 +10,21 @@ own export, and so is any constant it must convert on the way (an ``export_dtype
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx, update_import_domains
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from graphfold.mapped import DETACH_ELEMENTS, DETACHABLE
 
-def export_model(graph: gs.Graph) -> onnx.ModelProto:
-    """What ``gs.export_onnx(graph, do_type_check=False)`` returns, built without its copies."""
+
+def export_model(graph: gs.Graph, detached: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """What ``gs.export_onnx(graph, do_type_check=False)`` returns, built without its copies.
+
+    ``detached``: large weights held as arrays are not copied at all: their initializers are
+    headers (name, type, dims) and the arrays go into ``detached`` by name (see mapped.py).
+    """
     model = onnx.ModelProto(ir_version=graph.ir_version or onnx.IR_VERSION,
                             producer_name=graph.producer_name or "", producer_version=graph.producer_version or "")
     out = model.graph
@@ -30,7 +37,7 @@ def export_model(graph: gs.Graph) -> onnx.ModelProto:
     tensors = graph.tensors()
     for tensor in tensors.values():
         if isinstance(tensor, gs.Constant):
-            _add_initializer(out, tensor)
+            _add_initializer(out, tensor, detached)
     for tensor in graph.inputs + graph.outputs:
         tensors.pop(tensor.name, None)
     # As graphsurgeon does: value_info only for variables whose type or shape is known.
@@ -41,7 +48,7 @@ def export_model(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def _add_initializer(out: onnx.GraphProto, tensor: gs.Constant) -> None:
+def _add_initializer(out: onnx.GraphProto, tensor: gs.Constant, detached: dict[str, np.ndarray] | None) -> None:
     values = tensor._values
     if isinstance(values, SparseValues):
         out.sparse_initializer.append(values.tensor)
@@ -55,6 +62,10 @@ def _add_initializer(out: onnx.GraphProto, tensor: gs.Constant) -> None:
         out.initializer.append(OnnxExporter.export_tensor_proto(tensor))  # graphsurgeon converts it
         return
     proto = out.initializer.add(name=tensor.name, data_type=dtype_to_onnx(tensor.dtype), dims=tensor.shape)
+    if detached is not None and isinstance(values, np.ndarray) and values.size > DETACH_ELEMENTS \
+            and proto.data_type in DETACHABLE and tensor.data_location is None:
+        detached[tensor.name] = values
+        return
     proto.raw_data = tensor.values.tobytes()
     if tensor.data_location is not None:
         proto.data_location = tensor.data_location

@@ -12,11 +12,13 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+from graphfold import mapped
 from graphfold.errors import UsageError, first_line
 from graphfold.external import (absolutize, all_tensors, external_bytes, has_external_refs, is_external, load_all,
                                 save_streaming)
@@ -64,9 +66,13 @@ def load_model(path: str, *, check: bool = True, lazy: bool | None = None) -> on
     return load_model_sized(path, check=check, lazy=lazy)[0]
 
 
-def load_model_sized(path: str, *, check: bool = True, lazy: bool | None = None) -> tuple[onnx.ModelProto, int]:
+def load_model_sized(path: str, *, check: bool = True, lazy: bool | None = None,
+                     detach: bool = False) -> tuple[onnx.ModelProto | mapped.DetachedModel, int]:
     """``load_model``, and the model's bytes on disk (``file_bytes``), read off while loading it:
-    afterwards the model no longer says which data files it came from."""
+    afterwards the model no longer says which data files it came from.
+
+    ``detach``: a model file without external data comes back as a ``DetachedModel`` whose
+    large weights are read-only maps of the file (see mapped.py), where the file allows."""
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -76,6 +82,12 @@ def load_model_sized(path: str, *, check: bool = True, lazy: bool | None = None)
     size = os.path.getsize(path)
     if size == 0:
         raise UsageError(f"{path}: empty file, not an ONNX model")
+    if detach:
+        detached = _load_detached(path)
+        if detached is not None:
+            if check:
+                check_model(detached.proto, path, detached=frozenset(detached.arrays))
+            return detached, size
     try:
         # Weights in external data files stay there (memory-mapped when read): see external.py.
         model = onnx.load(path, load_external_data=False)
@@ -99,13 +111,29 @@ def load_model_sized(path: str, *, check: bool = True, lazy: bool | None = None)
     return model, size
 
 
-def check_model(model: onnx.ModelProto, path: str = "model", on_disk: bool = False) -> None:
+def _load_detached(path: str) -> mapped.DetachedModel | None:
+    """The model with its weights detached, or None to load it the ordinary way (which also
+    reports what is wrong with a file the scan could not read)."""
+    try:
+        detached = mapped.read(path)
+    except mapped.SizeMismatch as exc:
+        raise UsageError(f"{path}: invalid ONNX graph: {exc}") from None
+    except Exception:
+        return None
+    if detached is None or not detached.proto.HasField("graph") or has_external_refs(detached.proto):
+        return None  # external data has its own route
+    return detached
+
+
+def check_model(model: onnx.ModelProto, path: str = "model", on_disk: bool = False,
+                detached: frozenset[str] = frozenset()) -> None:
     """Run ``onnx.checker`` and the opset test, turning failures into one ``UsageError`` line.
 
     The checker sees the model with each weight cut to one element (it checks structure, types
     and schemas, not values, and would otherwise serialize every weight), after the weights'
     byte counts are checked against their dims here. A model whose weights stay on disk is
-    checked from ``path`` (``on_disk``), so the checker also sees its data files.
+    checked from ``path`` (``on_disk``), so the checker also sees its data files. ``detached``
+    names tensors that are headers only (their bytes were checked as they were mapped).
     """
     _check_opsets(model, path)
     try:
@@ -113,7 +141,7 @@ def check_model(model: onnx.ModelProto, path: str = "model", on_disk: bool = Fal
             onnx.checker.check_model(path)
         else:
             _check_data_sizes(model, path)
-            onnx.checker.check_model(weightless(model))
+            onnx.checker.check_model(weightless(model, detached))
     except UsageError:
         raise
     except onnx.checker.ValidationError as exc:
@@ -143,12 +171,13 @@ def _copy_field(target, name: str, value) -> None:
         getattr(target, name).CopyFrom(value)
 
 
-def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with each fixed-size weight cut to one zero element (same names and types)."""
+def weightless(model: onnx.ModelProto, detached: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """``model`` with each fixed-size weight cut to one zero element (same names and types);
+    ``detached``: tensors that are headers only, their data held elsewhere."""
     copy = without_initializers(model)
     for init in model.graph.initializer:
         itemsize = _ITEMSIZE.get(init.data_type)
-        if itemsize and init.HasField("raw_data"):
+        if itemsize and (init.HasField("raw_data") or init.name in detached):
             copy.graph.initializer.add(name=init.name, data_type=init.data_type, dims=[1], raw_data=b"\0" * itemsize)
         else:
             copy.graph.initializer.append(init)
@@ -212,29 +241,52 @@ def ensure_writable(path: str, input_path: str | None = None) -> None:
         raise UsageError(f"{path}: cannot write in {folder}: {exc.strerror or exc}") from None
 
 
-def save_model(model: onnx.ModelProto, path: str) -> int:
+def save_model(model: onnx.ModelProto | mapped.DetachedModel, path: str,
+               verify: Callable[[str], None] | None = None) -> int:
     """Write ``model`` to ``path`` atomically; large models get ``<name>.data`` beside them.
-    Returns the bytes written (the model file and its data file)."""
+    ``verify`` is called with the staged file's path before anything replaces ``path``; if it
+    raises, nothing is written. Returns the bytes written (the model file and its data file)."""
     target = os.path.abspath(path)
     folder = os.path.dirname(target)
     name = os.path.basename(target)
     staging = None
     try:
-        staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
-        staged = os.path.join(staging, name)
-        data_name = _save(model, staged)
-        written = os.path.getsize(staged)
-        # onnx writes no data file when every tensor is under its size threshold.
-        if data_name is not None and os.path.exists(os.path.join(staging, data_name)):
-            written += os.path.getsize(os.path.join(staging, data_name))
-            os.replace(os.path.join(staging, data_name), os.path.join(folder, data_name))
-        os.replace(staged, target)
+        try:
+            staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
+            staged = os.path.join(staging, name)
+            data_name = _save(model, staged)
+            written = os.path.getsize(staged)
+            # onnx writes no data file when every tensor is under its size threshold.
+            if data_name is not None and os.path.exists(os.path.join(staging, data_name)):
+                written += os.path.getsize(os.path.join(staging, data_name))
+            else:
+                data_name = None
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot write output: {exc.strerror or exc}") from None
+        if verify is not None:
+            verify(staged)  # reads the file as written, data file and all
+        try:
+            if data_name is not None:
+                os.replace(os.path.join(staging, data_name), os.path.join(folder, data_name))
+            os.replace(staged, target)
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot write output: {exc.strerror or exc}") from None
         return written
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write output: {exc.strerror or exc}") from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_detached(model: mapped.DetachedModel, path: str) -> str | None:
+    # The header-only message is small: its size plus the detached bytes is the file's.
+    if model.proto.ByteSize() + model.nbytes < EXTERNAL_DATA_THRESHOLD:
+        with open(path, "wb") as handle:
+            model.write(handle)
+        return None
+    data_name = os.path.basename(path) + ".data"
+    with open(path, "wb") as handle, open(os.path.join(os.path.dirname(path), data_name), "wb") as data:
+        model.write_external(handle, data, data_name)
+    return data_name
 
 
 def _data_files_bytes(model: onnx.ModelProto, folder: str) -> int:
@@ -263,8 +315,10 @@ def session_source(model: onnx.ModelProto, folder: str) -> str | bytes:
     return path
 
 
-def _save(model: onnx.ModelProto, path: str) -> str | None:
+def _save(model: onnx.ModelProto | mapped.DetachedModel, path: str) -> str | None:
     """Save, with external data when needed; returns the data file's name, if any."""
+    if isinstance(model, mapped.DetachedModel):
+        return _save_detached(model, path)
     if not needs_data_file(model):
         onnx.save_model(model, path)
         return None

@@ -188,14 +188,15 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
                    rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
                    progress: Callable[[str], None] | None = None,
                    input_values: Mapping[str, np.ndarray] | None = None,
-                   reference_path: str | None = None) -> ValidationResult:
+                   reference_path: str | None = None, candidate_path: str | None = None) -> ValidationResult:
     """Run both models on the same inputs and compare every output: ``feeds``, else seeded
     random ones with ``input_values`` (fitted by ``inputs.fit_input_values``) for their inputs.
-    ``reference_path``: the file ``reference`` was loaded from, which onnxruntime may read."""
+    ``reference_path``, ``candidate_path``: the files the models were loaded from or saved to,
+    which onnxruntime then reads (the models' own weights need not be in the messages)."""
     rtol = dtype_rtol(reference, rtol)
     ref_runner = Runner(reference, "original", reference_path)
     try:
-        cand_runner = Runner(candidate, "optimized")
+        cand_runner = Runner(candidate, "optimized", candidate_path)
     except UsageError as exc:
         # The original loads, so a result that does not is a failed result, not bad input.
         return ValidationResult(False, [OutputError("*", float("inf"), float("inf"), 0.0, False, str(exc))], [],

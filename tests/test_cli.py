@@ -277,10 +277,12 @@ def test_interrupt(work, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "fold", interrupted)
+    # Validation runs on the staged output file: interrupted there, the staging goes too.
+    before = sorted(p.name for p in work.iterdir())
+    monkeypatch.setattr(api, "compare_models", interrupted)
     code, _, err = run(capsys, work / "in.onnx", "-o", work / "out.onnx")
     assert code == 130 and err == "graphfold: interrupted; nothing was written\n"
-    assert not (work / "out.onnx").exists()
+    assert sorted(p.name for p in work.iterdir()) == before
 
 
 # --- check and inspect ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import glob
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -357,21 +358,31 @@ def _run_case(case: Case, row: Row) -> None:
         return
     shapes = {**(shapes or {}), **given_shapes} or None
 
-    # The default run, validation on random inputs included.
+    # The default run, validation on random inputs included, file to file as the command line
+    # runs it (the weights read in place from the input and streamed to the output).
     default_note = ""
-    try:
-        folded, report = graphfold.fold(original, input_shapes=shapes, input_values=values)
-    except UsageError as exc:
-        # The original cannot run on random inputs (say, strings) or at all: fold unvalidated.
-        default_note = f"default run refused: {exc}"
+    with tempfile.TemporaryDirectory(prefix="corpus-") as scratch:
+        source = case.path
+        if case.random_weights:
+            source = os.path.join(scratch, "in.onnx")
+            onnx.save_model(original, source)
+        target = os.path.join(scratch, "out.onnx")
         try:
-            folded, report = graphfold.fold(original, input_shapes=shapes, input_values=values, check=False)
-        except UsageError as again:  # bad --input-shape/--input-value for this model
-            row.status, row.note = REFUSED, str(again)
+            try:
+                report = graphfold.fold_file(source, target, input_shapes=shapes, input_values=values)
+            except UsageError as exc:
+                # The original cannot run on random inputs (say, strings) or at all: fold unvalidated.
+                default_note = f"default run refused: {exc}"
+                try:
+                    report = graphfold.fold_file(source, target, input_shapes=shapes, input_values=values,
+                                                 check=False)
+                except UsageError as again:  # bad --input-shape/--input-value for this model
+                    row.status, row.note = REFUSED, str(again)
+                    return
+        except GraphfoldError as exc:
+            row.status, row.note = FAIL, f"default run: {exc}"
             return
-    except GraphfoldError as exc:
-        row.status, row.note = FAIL, f"default run: {exc}"
-        return
+        folded = onnx.load(target)
     if report.validation is not None and report.validation.weak:
         default_note = f"validation weak: {', '.join(report.validation.weak_outputs)}"
     row.nodes_before, row.nodes_after = report.before["nodes"], report.after["nodes"]
