@@ -453,6 +453,21 @@ def test_detect_groups_recovers_depthwise_and_stops_at_nonzeros():
     assert K.detect_groups(dense)[1] == 1
 
 
+@SETTINGS
+@given(m=st.sampled_from((1, 2, 4, 6, 12)), c=st.sampled_from((1, 2, 3, 6, 12)), density=st.floats(0, 1),
+       seed=st.integers(0, 2**32 - 1))
+def test_detect_groups_against_brute_force(m, c, density, seed):
+    # Sparse weights, zeros anywhere (the corners included): the largest g whose off-diagonal
+    # blocks are all zero, found by trying every g.
+    rng = np.random.default_rng(seed)
+    dense = rng.standard_normal((m, c, 2)) * (rng.random((m, c, 1)) < density)
+    expected = max(g for g in range(1, math.gcd(m, c) + 1) if math.gcd(m, c) % g == 0 and
+                   all(not dense[i, j].any() for i in range(m) for j in range(c) if i * g // m != j * g // c))
+    found, g = K.detect_groups(dense)
+    assert g == expected
+    np.testing.assert_array_equal(K.expand_groups(found, g), dense)
+
+
 def test_pad_kernel():
     w = np.arange(6.0).reshape(1, 2, 1, 3)
     padded = K.pad_kernel(w, (3, 5))
