@@ -173,9 +173,15 @@ def _fold(model: onnx.ModelProto | str, output: str | None, *, passes: Sequence[
             raise error
 
     validating = check and report.validation is None
+    arrays = None  # the result holds the weights it needs
     if output is not None:
-        report.after["file_bytes"] = save_model(
-            folded, output, verify=(lambda staged: validate(proto, staged)) if validating else None)
+        def verify(staged: str) -> None:
+            if isinstance(folded, DetachedModel):
+                # Written: its weights need not stay in memory while onnxruntime loads both models.
+                folded.arrays.clear()
+            validate(proto, staged)
+
+        report.after["file_bytes"] = save_model(folded, output, verify=verify if validating else None)
         return None, report
     if isinstance(folded, DetachedModel):
         folded = folded.materialize()
@@ -195,9 +201,7 @@ def _fold_exact(original: onnx.ModelProto, pipeline: Sequence, fold_all: bool, i
     graph = gs.import_onnx(original)
     _keep_overridable(graph, original)
     if arrays:
-        for name, tensor in graph.tensors().items():
-            if isinstance(tensor, gs.Constant) and name in arrays:
-                tensor.values = arrays[name]
+        _give_values(graph, arrays)
     concrete = concrete if concrete is not None else infer_concrete(original, input_shapes)
     ctx = FoldContext(graph, FoldOptions(fold_all=fold_all), infer_static(original), concrete)
     if has_external_refs(original):
@@ -217,6 +221,15 @@ def _fold_exact(original: onnx.ModelProto, pipeline: Sequence, fold_all: bool, i
     if _weight_elements(original) >= COLLECT_ELEMENTS:
         gc.collect()
     return folded, rewrites, declines
+
+
+def _give_values(graph: gs.Graph, arrays: Mapping[str, np.ndarray]) -> None:
+    """The detached tensors' values, as graphsurgeon imported them without."""
+    # A function of its own: a loop variable left in _fold_exact's frame would keep the whole
+    # graph alive (its tensors and nodes link each other) past the collection that frees it.
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Constant) and name in arrays:
+            tensor.values = arrays[name]
 
 
 # Weights (elements) above which a fold frees graphsurgeon's graph at once (4M floats: 16 MB).

@@ -55,6 +55,8 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     """The tensor's value if it is a constant (initializer or Constant node output), else None."""
     if isinstance(tensor, gs.Constant):
         lazy = tensor._values
+        if lazy is None:
+            raise RuntimeError(f"constant {tensor.name!r} was released when it left the graph, and read after")
         if isinstance(lazy, SparseValues):
             return None  # a sparse initializer is left as it is
         if isinstance(lazy, LazyValues) and external.is_external(lazy.tensor):
@@ -136,6 +138,19 @@ def detach(nodes: Iterable[gs.Node]) -> None:
     for node in nodes:
         node.inputs.clear()
         node.outputs.clear()
+
+
+def release_dead(tensors: Iterable[gs.Tensor], graph_outputs: set[str]) -> None:
+    """Drop the values of the constants among ``tensors`` that nothing reads any more.
+
+    A graphsurgeon tensor is a reference cycle (its producer and consumer lists point back at
+    it), so a weight that left the graph would stay in memory until the cyclic collector ran:
+    while a pass replaces the weights of a large model layer by layer, old and new together.
+    Only for a graph without subgraphs, whose tensors' consumer lists are complete.
+    """
+    for tensor in tensors:
+        if isinstance(tensor, gs.Constant) and not tensor.outputs and tensor.name not in graph_outputs:
+            tensor._values = None
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:

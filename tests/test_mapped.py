@@ -3,7 +3,9 @@ byte for byte; what the scan does not understand goes to onnx.load; ``fold_file`
 file as written and writes nothing when that fails."""
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 
 import numpy as np
 import onnx
@@ -223,3 +225,50 @@ def test_overridable_initializers_keep_their_values(tmp_path):
     assert kept.raw_data == weight.raw_data
     feeds = random_feeds(model)
     np.testing.assert_allclose(run_ort(folded, feeds)[0], run_ort(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_no_weight_stays_in_memory_while_onnxruntime_validates(tmp_path, monkeypatch):
+    # Written to the staged file, the weights (computed, or maps of the input) are all let go
+    # before onnxruntime loads both models: none of them may be alive when validation starts.
+    path = save(conv_bn_model(), tmp_path / "m.onnx")
+    monkeypatch.setattr(api, "COLLECT_ELEMENTS", 0)  # the test model is small
+    held = []
+    real_save, real_compare = api.save_model, api.compare_models
+
+    def save_spy(model, output, verify=None):
+        held.extend(weakref.ref(a) for a in model.arrays.values())
+        return real_save(model, output, verify=verify)
+
+    def compare_spy(*args, **kwargs):
+        assert held and not [ref for ref in held if ref() is not None]
+        return real_compare(*args, **kwargs)
+
+    monkeypatch.setattr(api, "save_model", save_spy)
+    monkeypatch.setattr(api, "compare_models", compare_spy)
+    assert graphfold.fold_file(path, tmp_path / "out.onnx").validation.passed
+
+
+def test_weights_a_rewrite_replaced_are_released_at_once(tmp_path):
+    # graphsurgeon's tensors are reference cycles: a replaced weight is let go by the pass,
+    # not left to the cyclic collector; one that another node still reads is kept.
+    import onnx_graphsurgeon as gs
+
+    from graphfold.engine import FoldContext, run_pass
+    from graphfold.graph import const_value
+    from graphfold.passes.affine import FoldBatchNorm
+
+    model = conv_bn_model(extras=False)
+    model.graph.node.append(helper.make_node("Conv", ["x", "w0b"], ["extra"]))  # w0b read twice
+    model.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    w0a, w0b, gamma = tensors["w0a"], tensors["w0b"], tensors["g0a"]
+    gc.disable()  # nothing but the pass may free them
+    try:
+        rewrites = run_pass(FoldContext(graph), FoldBatchNorm())
+    finally:
+        gc.enable()
+    assert len(rewrites) == 3  # w0b's BN declined: the weight is shared
+    assert w0a._values is None and gamma._values is None and w0b._values is not None
+    with pytest.raises(RuntimeError, match="released"):
+        const_value(w0a)
