@@ -101,6 +101,9 @@ def fold_file(source: str | os.PathLike, output: str | os.PathLike, **options) -
     return _fold(source, output, **options)[1]
 
 
+DISCARD = ""  # _fold's output for a run that wants only the report (inspect): no model is built
+
+
 @quiet_graphsurgeon()  # graphsurgeon prints warnings (bfloat16 weights...) to stdout while importing
 def _fold(model: onnx.ModelProto | str, output: str | None, *, passes: Sequence[str] | None = None,
           skip_passes: Sequence[str] = (), fold_all: bool = False, input_shapes: ShapeMap | None = None,
@@ -111,7 +114,8 @@ def _fold(model: onnx.ModelProto | str, output: str | None, *, passes: Sequence[
           allow_border: bool = False, approx_options: ApproxOptions | None = None,
           freeze_initializer_inputs: bool = False, input_values: Mapping[str, object] | None = None,
           refit: RefitOptions | bool = False) -> tuple[onnx.ModelProto | None, Report]:
-    """``fold``; with ``output``, the result is saved there (validated as saved) and not returned."""
+    """``fold``; with ``output``, the result is saved there (validated as saved) and not returned;
+    with ``DISCARD``, only the report is made."""
     options = approx_options or ApproxOptions(tolerance, snap_slope, epsilon, drop_branches, target_depth,
                                               allow_border)
     options.check()
@@ -174,7 +178,9 @@ def _fold(model: onnx.ModelProto | str, output: str | None, *, passes: Sequence[
 
     validating = check and report.validation is None
     arrays = None  # the result holds the weights it needs
-    if output is not None:
+    if output == DISCARD and not validating:
+        return None, report
+    if output:
         def verify(staged: str) -> None:
             if isinstance(folded, DetachedModel):
                 # Written: its weights need not stay in memory while onnxruntime loads both models.
@@ -308,8 +314,8 @@ def inspect(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None
             input_shapes: ShapeMap | None = None, **approximate) -> Report:
     """What ``fold`` would do: its rewrites and every decline with its reason. Nothing is validated,
     except that approximate rewrites (``approximate``: ``fold``'s keyword arguments) are measured."""
-    return fold(model, passes=passes, skip_passes=skip_passes, fold_all=fold_all,
-                input_shapes=input_shapes, check=False, **approximate)[1]
+    return _fold(model, DISCARD, passes=passes, skip_passes=skip_passes, fold_all=fold_all,
+                 input_shapes=input_shapes, check=False, **approximate)[1]
 
 
 def check(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, *,
