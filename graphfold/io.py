@@ -155,20 +155,11 @@ def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
-            _copy_field(copy, field.name, value)
+            mapped.copy_field(copy, field.name, value)
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
-            _copy_field(copy.graph, field.name, value)
+            mapped.copy_field(copy.graph, field.name, value)
     return copy
-
-
-def _copy_field(target, name: str, value) -> None:
-    if isinstance(value, (bool, int, float, str, bytes)):
-        setattr(target, name, value)
-    elif hasattr(value, "extend"):
-        getattr(target, name).extend(value)
-    else:
-        getattr(target, name).CopyFrom(value)
 
 
 def weightless(model: onnx.ModelProto, detached: frozenset[str] = frozenset()) -> onnx.ModelProto:

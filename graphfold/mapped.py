@@ -189,7 +189,7 @@ def _split_model(model: onnx.ModelProto) -> tuple[bytes, bytes, onnx.GraphProto]
     rest = onnx.ModelProto()
     for descriptor, value in model.ListFields():
         if descriptor.number != _MODEL_GRAPH:
-            _copy_field(rest, descriptor.name, value)
+            copy_field(rest, descriptor.name, value)
     encoded = rest.SerializeToString()
     cut = _split_at(encoded, _MODEL_GRAPH)
     return encoded[:cut], encoded[cut:], model.graph
@@ -201,7 +201,7 @@ def _split_graph(graph: onnx.GraphProto) -> tuple[bytes, list[tuple[bytes, str |
     rest = onnx.GraphProto()
     for descriptor, value in graph.ListFields():
         if descriptor.number != _GRAPH_INITIALIZER:
-            _copy_field(rest, descriptor.name, value)
+            copy_field(rest, descriptor.name, value)
     encoded = rest.SerializeToString()
     cut = _split_at(encoded, _GRAPH_INITIALIZER)
     entries = [(tensor.SerializeToString(), None if tensor.HasField("raw_data") else tensor.name)
@@ -209,7 +209,9 @@ def _split_graph(graph: onnx.GraphProto) -> tuple[bytes, list[tuple[bytes, str |
     return encoded[:cut], entries, encoded[cut:]
 
 
-def _copy_field(target, name: str, value) -> None:
+def copy_field(target, name: str, value) -> None:
+    """Set field ``name`` of message ``target`` to ``value`` (as ``ListFields`` gives it): a scalar,
+    a repeated field or a message."""
     if isinstance(value, (bool, int, float, str, bytes)):
         setattr(target, name, value)
     elif hasattr(value, "extend"):

@@ -480,7 +480,7 @@ def compare_programs(src: str, folder: str, tools: list[str], repeats: int, repo
 
 
 PROCESS_HEADER = ["tool", "wall min s", "wall median s", "x load+save (min)", "CPU min s",
-                  "peak RSS MB (max)", "x load+save"]
+                  "peak RSS MB (max)", "peak x load+save"]
 
 
 def program_rows(runs: dict[str, list[ProcessRun]]) -> list[list[str]]:
@@ -528,7 +528,10 @@ def run_process_cases(args: argparse.Namespace, folder: str) -> list[str]:
                "high-water mark (VmHWM), the largest over the runs. graphfold runs with and without its "
                "validation; onnxsim (path to path, no check), onnxslim and onnxruntime's offline optimizer "
                "(ORT_ENABLE_EXTENDED, `optimized_model_filepath`) as their Python APIs run them. Rows marked "
-               "(baseline) are graphfold from another checkout (`--baseline-repo`): before and after.", ""]
+               "(baseline) are graphfold from another checkout (`--baseline-repo`): before and after. graphfold "
+               "can beat a plain load+save: it reads the weights in place through a memory map and streams "
+               "them to the output, where load+save copies each into a protobuf message and serializes it "
+               "(`graphfold/mapped.py`).", ""]
     for case in args.cases:
         src = os.path.join(folder, f"{case}.onnx")
         subprocess.run([sys.executable, os.path.abspath(__file__), "--build", case, src], check=True)
@@ -543,11 +546,18 @@ def run_process_cases(args: argparse.Namespace, folder: str) -> list[str]:
         print(f"\n{case}: {size / 2**20:.0f} MiB, {note}")
         rows = program_rows(runs)
         print(format_rows(PROCESS_HEADER, rows), flush=True)
+        baseline = f" (baseline) is graphfold at {_commit(args.baseline_repo)}." if args.baseline_repo else ""
         section += [f"### {case}: {size / 2**20:.0f} MiB", "",
-                    f"{args.repeats} runs per tool; {note}. Produced by `{args.command}`.", ""]
+                    f"{args.repeats} runs per tool; {note}. Produced by `{args.command}`.{baseline}", ""]
         section += markdown_table(PROCESS_HEADER, rows) + [""]
         os.remove(src)
     return section + [MARK_END]
+
+
+def _commit(repo: str) -> str:
+    """The short commit a checkout is at, or its path when git cannot tell."""
+    result = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else repo
 
 
 MARK_BEGIN, MARK_END = "<!-- speed_benchmark: begin -->", "<!-- speed_benchmark: end -->"
