@@ -78,10 +78,14 @@ def _onnx_inference(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...]]:
 
 def _incomplete(model: onnx.ModelProto, shapes: Mapping[str, tuple[Dim, ...]]) -> bool:
     """Whether some node output of the top-level graph has no shape or a dim other than a number or
-    one of the graph inputs' symbolic dims (ONNX names the dims it could not work out ``unk__N``)."""
+    one of the graph inputs' symbolic dims (ONNX names the dims it could not work out ``unk__N``).
+    Outputs nothing reads (a Dropout's mask) count for no statistic and no pass: they are not asked
+    about, or an old model would pay for symbolic inference (sympy, 0.3 s) to learn nothing."""
     symbols = {d for vi in model.graph.input for d in shapes.get(vi.name, ()) if isinstance(d, str)}
-    return any(name and (name not in shapes or any(not isinstance(d, int) and d not in symbols
-                                                   for d in shapes[name]))
+    read = {name for graph in iter_graphs(model.graph) for node in graph.node for name in node.input}
+    read |= {vi.name for vi in model.graph.output}
+    return any(name in read and (name not in shapes or any(not isinstance(d, int) and d not in symbols
+                                                           for d in shapes[name]))
                for node in model.graph.node for name in node.output)
 
 

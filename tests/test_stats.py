@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphfold import shapes
 from graphfold.shapes import infer_concrete, infer_static
 from graphfold.stats import depth, model_stats, node_macs, parameter_count
-from tests.util import make_model
+from tests.util import make_model, model_from_text
 
 SAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "models", "resnet_bn.onnx")
 
@@ -281,3 +281,27 @@ def test_macs_and_dynamic_dims_of_a_pytorch_export(tmp_path):
     assert [d.dim_param for d in folded.graph.input[0].type.tensor_type.shape.dim] == ["batch", "", "", "width"]
     for shape in ([1, 3, 8, 16], [3, 3, 8, 40]):
         assert_same_outputs(model, folded, shapes={"x": shape})
+
+
+def test_an_output_nothing_reads_needs_no_symbolic_inference(monkeypatch):
+    # A Dropout mask (opset 9) that onnx's inference leaves without a shape: nobody reads it, so
+    # the symbolic inference (sympy) is not worth its import; a read one would still call it.
+    from graphfold import shapes
+
+    calls = []
+    monkeypatch.setattr(shapes, "_symbolic_inference", lambda model: calls.append(1) or {})
+    model = model_from_text("""
+        <ir_version: 4, opset_import: ["" : 9]>
+        g (float[1, 4] x) => (float[1, 4] y) {
+            y, mask = Dropout(x)
+        }""")
+    shapes.infer_static(model)
+    assert calls == []
+    read = model_from_text("""
+        <ir_version: 4, opset_import: ["" : 9]>
+        g (float[1, 4] x) => (float[1, 4] y, float[1, 4] m) {
+            y, mask = Dropout(x)
+            m = Identity(mask)
+        }""")
+    shapes.infer_static(read)
+    assert calls == [1]
