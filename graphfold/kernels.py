@@ -474,8 +474,7 @@ def _bias_through(second: ConvParams, value: np.ndarray) -> np.ndarray:
     return _f64(second.bias) + through.reshape(m2)
 
 
-def compose(first: ConvParams, second: ConvParams) -> ConvParams:
-    """The single conv equal to second(first(x)); see the module docstring for where it is exact."""
+def _check_chain(first: ConvParams, second: ConvParams) -> None:
     if first.rank != second.rank:
         raise NotMergeable(f"spatial ranks differ: {first.rank} and {second.rank}")
     if first.out_channels != second.in_channels:
@@ -483,6 +482,25 @@ def compose(first: ConvParams, second: ConvParams) -> ConvParams:
             f"channels do not chain: first has {first.out_channels} outputs, "
             f"second expects {second.in_channels} inputs"
         )
+
+
+def compose_shape(first: ConvParams, second: ConvParams) -> ConvParams:
+    """The conv ``compose`` returns, its weight's shape alone: the weight is all zeros (taking no
+    memory), its group a lower bound -- ``compose`` may find more in block-diagonal weights -- and
+    its bias the real one, which needs only ``second``'s weights summed over their taps. Raises
+    ``NotMergeable`` as ``compose`` does. ``first`` may be such a shape itself."""
+    _check_chain(first, second)
+    (strides, dilations, kernel, pads), _, _ = _compose_geometry(first, second)
+    # Both weights are block diagonal over a partition into gcd(g1, g2) groups, so is the product.
+    group = math.gcd(first.group, second.group)
+    dtype = _out_dtype(first.weight, second.weight)
+    weight = np.broadcast_to(np.zeros((), dtype), (second.out_channels, first.in_channels // group, *kernel))
+    return ConvParams(weight, narrow(_bias_through(second, first.bias), dtype), strides, dilations, pads, group)
+
+
+def compose(first: ConvParams, second: ConvParams) -> ConvParams:
+    """The single conv equal to second(first(x)); see the module docstring for where it is exact."""
+    _check_chain(first, second)
     (strides, dilations, kernel, pads), steps1, steps2 = _compose_geometry(first, second)
     merged = None
     for tap, product in _tap_products(first, second):

@@ -150,6 +150,24 @@ def test_compose_unpadded_second_is_exact_everywhere(chain):
     assert not np.any(K.border_correction(first, second, sizes))
 
 
+@SETTINGS
+@given(chain=chains(second_padded=True))
+def test_compose_shape_is_compose_without_the_weights(chain):
+    # What the conv-chain pass decides on: the same geometry and bias as compose, a weight of the
+    # right shape that takes no memory, and a group that divides the one compose finds.
+    first, second, _ = chain
+    shape, merged = K.compose_shape(first, second), K.compose(first, second)
+    assert (shape.strides, shape.dilations, shape.pads) == (merged.strides, merged.dilations, merged.pads)
+    assert shape.kernel_shape == merged.kernel_shape and merged.group % shape.group == 0
+    assert shape.weight.shape == (merged.out_channels, merged.in_channels // shape.group, *merged.kernel_shape)
+    assert shape.weight.strides == (0,) * shape.weight.ndim and not np.any(shape.weight)
+    np.testing.assert_array_equal(shape.bias, merged.bias)
+    # Chained: the shape of a shape composes like the real thing.
+    third = make_conv(np.random.default_rng(5), second.out_channels, 2, 1, (1,) * first.rank)
+    assert K.compose_shape(shape, third).kernel_shape == K.compose(merged, third).kernel_shape
+    np.testing.assert_array_equal(K.compose_shape(shape, third).bias, K.compose(merged, third).bias)
+
+
 @settings(SETTINGS, max_examples=25)
 @given(chain=chains(second_padded=True, extra=0))
 def test_compose_keeps_output_size_for_every_input_size(chain):

@@ -67,7 +67,9 @@ def conv_reason(ctx: FoldContext, node: gs.Node) -> str | None:
 
 def compose_exact(ctx: FoldContext, state: Segment, nxt: kernels.ConvParams,
                   in_tensor: gs.Tensor) -> Segment | str:
-    """``state`` extended by one more conv, or the reason that would not be exact."""
+    """``state`` extended by one more conv, or the reason that would not be exact. The segment's
+    params are the merged conv's shape and bias (``kernels.compose_shape``): its weights are
+    composed only for the segments a split keeps (``compose_weights``)."""
     try:
         return _compose_exact(ctx, state, nxt, in_tensor)
     except kernels.NotMergeable as exc:
@@ -80,7 +82,7 @@ def _compose_exact(ctx: FoldContext, state: Segment, nxt: kernels.ConvParams,
     if params.weight.dtype != nxt.weight.dtype:
         return "the convs' weights have different dtypes"
     if not any(nxt.pads):
-        merged = kernels.compose(params, nxt)
+        merged = kernels.compose_shape(params, nxt)
         if correction is not None:
             correction = kernels.conv_reference(correction, _no_bias(nxt)).astype(correction.dtype)
         return Segment(state.start, state.stop + 1, merged, correction, 0.0)
@@ -88,7 +90,7 @@ def _compose_exact(ctx: FoldContext, state: Segment, nxt: kernels.ConvParams,
         return (f"padded {_kernel_text(nxt)} conv after a {_kernel_text(params)} conv is exact only in the "
                 "interior (intermediate zero padding); move the padding to the chain's first conv")
     spatial = ctx.static_spatial(in_tensor)
-    merged = kernels.compose(params, nxt)
+    merged = kernels.compose_shape(params, nxt)
     if np.any(params.bias):
         if spatial is None or any(d is None for d in spatial):
             return ("pointwise conv bias leaks into the next conv's zero padding and the spatial dims are "
@@ -97,6 +99,20 @@ def _compose_exact(ctx: FoldContext, state: Segment, nxt: kernels.ConvParams,
         if not np.any(correction):
             correction = None
     return Segment(state.start, state.stop + 1, merged, correction, 0.0)
+
+
+def compose_weights(segments: list[Segment], params: list[kernels.ConvParams]) -> list[Segment]:
+    """The kept segments with their merged convs' weights, composed in the order the split
+    composed their shapes. Raises ``NotMergeable`` (a float16 product that overflows)."""
+    done = []
+    for seg in segments:
+        if seg.stop - seg.start > 1:
+            merged = params[seg.start]
+            for nxt in params[seg.start + 1:seg.stop]:
+                merged = kernels.compose(merged, nxt)
+            seg = Segment(seg.start, seg.stop, merged, seg.correction, seg.cost)
+        done.append(seg)
+    return done
 
 
 def _no_bias(p: kernels.ConvParams) -> kernels.ConvParams:
@@ -143,10 +159,14 @@ class MergeConvChains(Pass):
         best, why = self._best_split(ctx, chain, params, singles)
         if all(seg.stop - seg.start == 1 for seg in best):
             return Reject(next((reason for reason in reasons if reason), why))
-        return Exact(plan=best)
+        try:
+            return Exact(plan=compose_weights(best, params))
+        except kernels.NotMergeable as exc:
+            return Reject(str(exc))
 
     def _best_split(self, ctx: FoldContext, chain, params, singles) -> tuple[list[Segment], str]:
-        """Dynamic programme over split points: cheapest (or, with fold_all, fewest-conv) cover."""
+        """Dynamic programme over split points: cheapest (or, with fold_all, fewest-conv) cover.
+        Costs come from the merged convs' shapes; no weights are composed here."""
         n = len(chain)
         options: dict[tuple[int, int], Segment] = {}
         why = ""

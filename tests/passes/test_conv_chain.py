@@ -70,6 +70,25 @@ def test_expand_then_depthwise_alone_does_not_pay():
     assert_declines(n.model("y"), CHAIN, "merging does not pay")
 
 
+def test_weights_are_composed_only_for_the_merge_that_is_made(monkeypatch):
+    # The split is chosen from the merged convs' shapes; weights are composed once, for the
+    # segment kept (two compositions for three convs), and not at all for a chain declined.
+    from graphfold import kernels
+
+    calls = []
+    real = kernels.compose
+    monkeypatch.setattr(kernels, "compose", lambda a, b: calls.append(1) or real(a, b))
+    n = Net([1, 8, 16, 16])
+    n.conv(n.conv(n.conv(n.x, "a", 8, 48, 1), "b", 48, 48, 3, group=48, pads=[1] * 4), "y", 48, 8, 1)
+    assert_folds(n.model("y"), CHAIN, 1, ["Conv", "Add"])
+    assert len(calls) == 2
+    calls.clear()
+    n = Net([1, 8, 16, 16])
+    n.conv(n.conv(n.x, "a", 8, 48, 1), "y", 48, 48, 3, group=48, pads=[1] * 4)
+    assert_declines(n.model("y"), CHAIN, "merging does not pay")
+    assert calls == []
+
+
 def test_inverted_residual_folds_to_one_conv_in_the_default_pipeline():
     # Chain merge, then the skip folds into the kernel and the border map rides along as one Add.
     n = Net([1, 8, 16, 16])
