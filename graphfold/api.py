@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
@@ -244,7 +245,7 @@ COLLECT_ELEMENTS = 2**22
 
 def _weight_elements(model: onnx.ModelProto) -> int:
     """Elements in the main graph's initializers, from their dims (no weight is read)."""
-    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    return sum(math.prod(t.dims) for t in model.graph.initializer)
 
 
 def _fold_approximate(original: onnx.ModelProto, report: Report, options: ApproxOptions,

@@ -10,6 +10,7 @@ than several copies of the model.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import tempfile
@@ -101,7 +102,7 @@ def read(tensor: onnx.TensorProto) -> np.ndarray:
     info = _info(tensor)
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     shape = tuple(tensor.dims)
-    if int(np.prod(shape, dtype=np.int64)) == 0:
+    if math.prod(shape) == 0:
         return np.zeros(shape, dtype)
     return np.memmap(info["location"], dtype=np.dtype(dtype).newbyteorder("<"), mode="r",
                      offset=int(info.get("offset", 0)), shape=shape)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -40,7 +41,7 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
         if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
             continue  # not loaded: it stays where it is
         itemsize = 8 if tensor.data_type in _WIDE_TYPES else 4
-        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        total += math.prod(tensor.dims) * itemsize
         if total >= EXTERNAL_DATA_THRESHOLD:
             return True
     # Close to the limit, the exact size decides.
@@ -188,7 +189,7 @@ def _check_data_sizes(model: onnx.ModelProto, path: str) -> None:
         itemsize = _ITEMSIZE.get(tensor.data_type)
         if not itemsize or not tensor.HasField("raw_data"):
             continue
-        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        expected = math.prod(tensor.dims) * itemsize
         size = len(tensor.raw_data)
         if size != expected:
             raise UsageError(f"{path}: invalid ONNX graph: tensor {tensor.name!r} holds {size} "

@@ -18,6 +18,7 @@ uses) is left to ``onnx.load``: ``read`` returns None.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -264,11 +265,11 @@ def read(path: str) -> DetachedModel | None:
     for index, offset, length in detached:
         tensor = initializers[index]
         if tensor.data_type not in DETACHABLE or tensor.name in arrays or \
-                int(np.prod(tensor.dims, dtype=np.int64)) <= DETACH_ELEMENTS:
+                math.prod(tensor.dims) <= DETACH_ELEMENTS:
             tensor.raw_data = mapping[offset:offset + length]  # not ours to detach: as it was
             continue
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
-        count = int(np.prod(tensor.dims, dtype=np.int64))
+        count = math.prod(tensor.dims)
         if count * dtype.itemsize != length:
             raise SizeMismatch(f"tensor {tensor.name!r} holds {length} bytes, but its dims {list(tensor.dims)} "
                              f"need {count * dtype.itemsize}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import os
 import sys
 from typing import Iterator, Mapping, Sequence, Union
@@ -42,7 +43,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     skel = without_initializers(model)
     graph = skel.graph
     for init in model.graph.initializer:
-        if int(np.prod(init.dims, dtype=np.int64)) <= KEEP_DATA_ELEMENTS and \
+        if math.prod(init.dims) <= KEEP_DATA_ELEMENTS and \
                 init.data_location != onnx.TensorProto.EXTERNAL:
             graph.initializer.append(init)
         else:

@@ -8,6 +8,7 @@ Loop's or Scan's body counts once.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Collection, Iterator, Mapping
 
 import numpy as np
@@ -87,12 +88,12 @@ def _reads(node: onnx.NodeProto) -> list[str]:
 
 def parameter_count(graph: onnx.GraphProto) -> int:
     """Initializer and Constant elements, through If/Loop/Scan bodies as ``nested`` counts them."""
-    total = sum(int(np.prod(init.dims, dtype=np.int64)) for init in graph.initializer)
+    total = sum(math.prod(init.dims) for init in graph.initializer)
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
-                    total += int(np.prod(attr.t.dims, dtype=np.int64))
+                    total += math.prod(attr.t.dims)
         total += nested(node, parameter_count)
     return total
 
@@ -119,18 +120,18 @@ def node_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
         if out is None or weight is None:
             return None
         # Every output element reads C/g * prod(k) weights.
-        return int(np.prod(out, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+        return math.prod(out) * math.prod(weight[1:])
     if node.op_type == "ConvTranspose" and len(node.input) > 1:
         x, weight = known(node.input[0]), known(node.input[1])
         if x is None or weight is None:
             return None
-        return int(np.prod(x, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+        return math.prod(x) * math.prod(weight[1:])
     if node.op_type in ("Gemm", "MatMul"):
         a, out = known(node.input[0]), known(node.output[0])
         if a is None or out is None or not a:
             return None
         reduce_dim = a[0] if node.op_type == "Gemm" and _attr(node, "transA", 0) else a[-1]
-        return int(np.prod(out, dtype=np.int64) * reduce_dim)
+        return math.prod(out) * int(reduce_dim)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Iterator
 
 import numpy as np
@@ -63,7 +64,9 @@ class FoldConstants(Pass):
         if "too_large" in match.data:
             return Reject(f"result is {match.data['too_large'] / 2**20:.0f} MiB, "
                           f"over the {FOLD_SIZE_LIMIT // 2**20} MiB constant-folding limit")
-        values = _evaluate(ctx)
+        values = _rearranged(ctx, match.nodes)
+        if values is None:
+            values = _evaluate(ctx)
         if not values:
             return Reject("onnxruntime could not evaluate these constant nodes")
         return Exact(plan=values)
@@ -77,6 +80,91 @@ class FoldConstants(Pass):
                 tensor.to_constant(values[tensor.name])
             node.outputs.clear()
         return Change(folded, [], f"folded {len(folded)} constant node(s)", count=len(folded))
+
+
+def _rearranged(ctx: FoldContext, nodes) -> dict[str, np.ndarray] | None:
+    """The nodes' values when every one of them is a Constant or only rearranges constants
+    (Unsqueeze, Reshape, Transpose...: no arithmetic, so numpy's result is the runtime's bit for
+    bit), else None and onnxruntime evaluates them. Old exports are full of them (an Unsqueeze per BatchNorm scale),
+    and an onnxruntime session over a copy of the graph costs far more than moving the values."""
+    values: dict[str, np.ndarray] = {}
+    for node in nodes:
+        if node.op == "Constant" and len(node.outputs) == 1 and isinstance(node.attrs.get("value"), gs.Constant):
+            values[node.outputs[0].name] = np.asarray(node.attrs["value"].values)
+            continue
+        rearrange = _REARRANGE.get(node.op)
+        if rearrange is None or len(node.outputs) != 1 or not node.inputs:
+            return None
+        inputs = [values[t.name] if t.name in values else const_value(t) if t.name else None for t in node.inputs]
+        if inputs[0] is None or any(v is None for v, t in zip(inputs, node.inputs) if t.name):
+            return None
+        try:
+            values[node.outputs[0].name] = np.ascontiguousarray(rearrange(node, inputs, ctx.graph.opset))
+        except (ValueError, IndexError, TypeError):  # invalid axes or shapes: the runtime's to judge
+            return None
+    return values
+
+
+def _axes(node: gs.Node, inputs: list, opset: int) -> list[int] | None:
+    # Opset 13 moved Squeeze/Unsqueeze's axes from an attribute to an optional second input.
+    if opset >= 13:
+        return None if len(inputs) < 2 or inputs[1] is None else [int(a) for a in np.asarray(inputs[1]).ravel()]
+    axes = node.attrs.get("axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _unsqueeze(node: gs.Node, inputs: list, opset: int) -> np.ndarray:
+    x, axes = inputs[0], _axes(node, inputs, opset)
+    if not axes:
+        raise ValueError("Unsqueeze without axes")
+    rank = x.ndim + len(axes)
+    normalized = sorted(a + rank if a < 0 else a for a in axes)
+    if len(set(normalized)) != len(normalized) or not all(0 <= a < rank for a in normalized):
+        raise ValueError("invalid Unsqueeze axes")
+    for axis in normalized:
+        x = np.expand_dims(x, axis)
+    return x
+
+
+def _squeeze(node: gs.Node, inputs: list, opset: int) -> np.ndarray:
+    x, axes = inputs[0], _axes(node, inputs, opset)
+    if axes is None:
+        return np.squeeze(x)
+    normalized = tuple(a + x.ndim if a < 0 else a for a in axes)
+    if any(not 0 <= a < x.ndim or x.shape[a] != 1 for a in normalized):
+        raise ValueError("invalid Squeeze axes")
+    return np.squeeze(x, axis=normalized)
+
+
+def _reshape(node: gs.Node, inputs: list, opset: int) -> np.ndarray:
+    x, shape = inputs[0], [int(d) for d in np.asarray(inputs[1]).ravel()]
+    if not node.attrs.get("allowzero", 0):
+        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]  # 0 copies the input's dim
+    return x.reshape(shape)
+
+
+def _flatten(node: gs.Node, inputs: list, opset: int) -> np.ndarray:
+    x = inputs[0]
+    axis = int(node.attrs.get("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis
+    if not 0 <= axis <= x.ndim:
+        raise ValueError("invalid Flatten axis")
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+def _transpose(node: gs.Node, inputs: list, opset: int) -> np.ndarray:
+    perm = node.attrs.get("perm")
+    return np.transpose(inputs[0], None if perm is None else [int(p) for p in perm])
+
+
+_REARRANGE = {
+    "Identity": lambda node, inputs, opset: inputs[0],
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Reshape": _reshape,
+    "Flatten": _flatten,
+    "Transpose": _transpose,
+}
 
 
 def _evaluate(ctx: FoldContext) -> dict[str, np.ndarray]:
@@ -227,7 +315,7 @@ def _result_bytes(ctx: FoldContext, node: gs.Node) -> int | None:
         if shape is None or any(d is None for d in shape):
             return None
         itemsize = np.dtype(tensor.dtype).itemsize if tensor.dtype is not None else 4
-        total += int(np.prod(shape, dtype=np.int64)) * itemsize
+        total += math.prod(shape) * itemsize
     return total
 
 
