@@ -5,7 +5,7 @@ import gc
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -21,7 +21,7 @@ from graphfold.inputs import (ShapeMap, check_input_shapes, dynamic_inputs, fit_
                               shapes_text, value_shapes)
 from graphfold.io import ensure_writable, load_model, load_model_sized, save_model
 from graphfold.mapped import DetachedModel
-from graphfold.options import ApproxOptions
+from graphfold.options import Options
 from graphfold.passes import build_pipeline
 from graphfold.passes.cleanup import quiet_graphsurgeon
 from graphfold.refit import RefitOptions
@@ -29,9 +29,6 @@ from graphfold.report import Report
 from graphfold.shapes import infer_concrete, infer_static
 from graphfold.stats import model_stats
 from graphfold.validate import DEFAULT_RTOL, DEFAULT_SEEDS, ValidationResult, compare_models
-
-if TYPE_CHECKING:
-    from graphfold.calibration import CalibrationSource
 
 log = logging.getLogger(__name__)
 
@@ -43,51 +40,25 @@ def as_model(model: onnx.ModelProto | str) -> onnx.ModelProto:
     return load_model(str(model))
 
 
-def fold(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None, skip_passes: Sequence[str] = (),
-         fold_all: bool = False, input_shapes: ShapeMap | None = None, check: bool = True,
-         rtol: float = DEFAULT_RTOL, seeds: Sequence[int] = DEFAULT_SEEDS,
-         progress: Callable[[str], None] | None = None, calibration: CalibrationSource = None,
-         labels: str | np.ndarray | None = None, tolerance: float = 0.0, snap_slope: float | None = None,
-         epsilon: float | None = None, drop_branches: int = 0, target_depth: int | None = None,
-         allow_border: bool = False, approx_options: ApproxOptions | None = None,
-         freeze_initializer_inputs: bool = False,
-         input_values: Mapping[str, object] | None = None,
-         refit: RefitOptions | bool = False) -> tuple[onnx.ModelProto, Report]:
-    """Fold ``model`` and, unless ``check`` is False, validate the result against it.
+def fold(model: onnx.ModelProto | str, options: Options | None = None, /,
+         **keywords) -> tuple[onnx.ModelProto, Report]:
+    """Fold ``model`` and, unless told not to, validate the result against it.
+
+    ``options`` is an ``Options``, or its fields come as keywords (``fold(model, fold_all=True,
+    input_shapes={"input": [1, 3, 224, 224]})``), one or the other; the approximate stage's may
+    also come one by one (``tolerance=``, ``snap_slope=``, ``epsilon=``...). See ``Options``.
 
     Returns the optimized model and its ``Report``. Raises ``ValidationError`` (carrying the
     report as ``.report``) when the result does not match the original, ``UsageError`` for
-    bad input. The input model is never modified.
-
-    Approximate folding is off unless asked for (``snap_slope``, ``epsilon``, ``drop_branches``,
-    ``target_depth``, ``allow_border``, or all of them through ``approx_options``): every
-    approximation is measured on ``calibration`` data (an ``.npz`` path or arrays keyed by input
-    name; seeded random inputs without it) and all of them together stay within ``tolerance``,
-    the largest accepted ``max|y' - y| / max|y|`` per output. Such a result is validated on the
-    calibration data at ``tolerance``, whatever ``check`` says.
-
-    Initializers that are also graph inputs may be fed at run time, so they are not folded;
-    ``freeze_initializer_inputs`` takes them as the constants they are in most exports and
-    drops them from the inputs (validation still runs the original with their defaults).
-
-    ``refit`` (True, or ``RefitOptions`` with budgets) removes nonlinear depth with least-squares
-    compensation (see :mod:`graphfold.refit`); it needs real ``calibration`` data, and the result
-    is validated on the held-out part of it instead of random inputs.
-
-    ``input_values`` gives inputs that random data would not fit (a sample rate, a state) fixed
-    values: arrays or numbers by input name, fed by validation and to calibration data that lacks
-    them; a scalar for a tensor input fills it.
+    bad input. The input model is never modified. To fold a file into another, ``fold_file``
+    is faster and lighter.
     """
-    return _fold(model, None, passes=passes, skip_passes=skip_passes, fold_all=fold_all, input_shapes=input_shapes,
-                  check=check, rtol=rtol, seeds=seeds, progress=progress, calibration=calibration,
-                  labels=labels, tolerance=tolerance, snap_slope=snap_slope, epsilon=epsilon,
-                  drop_branches=drop_branches, target_depth=target_depth, allow_border=allow_border,
-                  approx_options=approx_options, freeze_initializer_inputs=freeze_initializer_inputs,
-                  input_values=input_values, refit=refit)
+    return _fold(model, None, Options.of(options, **keywords))
 
 
-def fold_file(source: str | os.PathLike, output: str | os.PathLike, **options) -> Report:
-    """``fold(source, **options)`` written to ``output`` (with ``<name>.data`` beside it if over
+def fold_file(source: str | os.PathLike, output: str | os.PathLike, options: Options | None = None, /,
+              **keywords) -> Report:
+    """``fold(source, options)`` written to ``output`` (with ``<name>.data`` beside it if over
     2 GB), atomically and only once it validated: a failed validation raises ``ValidationError``
     and writes nothing. Returns the report.
 
@@ -98,30 +69,27 @@ def fold_file(source: str | os.PathLike, output: str | os.PathLike, **options) -
     never modified.
     """
     source, output = os.fspath(source), os.fspath(output)
+    opts = Options.of(options, **keywords)
     ensure_writable(output, source)
-    return _fold(source, output, **options)[1]
+    return _fold(source, output, opts)[1]
+
+
+def inspect(model: onnx.ModelProto | str, options: Options | None = None, /, **keywords) -> Report:
+    """What ``fold`` would do: its rewrites and every decline with its reason. Nothing is
+    validated, except that approximate rewrites, if asked for, are measured."""
+    return _fold(model, DISCARD, Options.of(options, **keywords).but(check=False))[1]
 
 
 DISCARD = ""  # _fold's output for a run that wants only the report (inspect): no model is built
 
 
 @quiet_graphsurgeon()  # graphsurgeon prints warnings (bfloat16 weights...) to stdout while importing
-def _fold(model: onnx.ModelProto | str, output: str | None, *, passes: Sequence[str] | None = None,
-          skip_passes: Sequence[str] = (), fold_all: bool = False, input_shapes: ShapeMap | None = None,
-          check: bool = True, rtol: float = DEFAULT_RTOL, seeds: Sequence[int] = DEFAULT_SEEDS,
-          progress: Callable[[str], None] | None = None, calibration: CalibrationSource = None,
-          labels: str | np.ndarray | None = None, tolerance: float = 0.0, snap_slope: float | None = None,
-          epsilon: float | None = None, drop_branches: int = 0, target_depth: int | None = None,
-          allow_border: bool = False, approx_options: ApproxOptions | None = None,
-          freeze_initializer_inputs: bool = False, input_values: Mapping[str, object] | None = None,
-          refit: RefitOptions | bool = False) -> tuple[onnx.ModelProto | None, Report]:
+def _fold(model: onnx.ModelProto | str, output: str | None,
+          options: Options) -> tuple[onnx.ModelProto | None, Report]:
     """``fold``; with ``output``, the result is saved there (validated as saved) and not returned;
     with ``DISCARD``, only the report is made."""
-    options = approx_options or ApproxOptions(tolerance, snap_slope, epsilon, drop_branches, target_depth,
-                                              allow_border)
-    options.check()
-    exact = not refit and not (options.requested or options.tolerance > 0 or calibration is not None
-                               or labels is not None)
+    options.approx.check()
+    exact = options.exact
     # An exact run reads a file's large weights in place (mapped.py); the approximate stages
     # copy and run models throughout, and get an ordinary one.
     original, on_disk = (model, None) if isinstance(model, onnx.ModelProto) else \
@@ -129,27 +97,24 @@ def _fold(model: onnx.ModelProto | str, output: str | None, *, passes: Sequence[
     arrays = None
     if isinstance(original, DetachedModel):
         original, arrays = original.proto, original.arrays
-    check_input_shapes(original, input_shapes)
-    values = fit_input_values(original, input_values, input_shapes)
-    input_shapes = value_shapes(values, input_shapes)
-    source = frozen_initializer_inputs(original) if freeze_initializer_inputs else original
-    pipeline = build_pipeline(passes, skip_passes)
+    check_input_shapes(original, options.input_shapes)
+    values = fit_input_values(original, options.input_values, options.input_shapes)
+    input_shapes = value_shapes(values, options.input_shapes)
+    source = frozen_initializer_inputs(original) if options.freeze_initializer_inputs else original
+    pipeline = build_pipeline(options.passes, options.skip_passes)
     concrete = infer_concrete(original, input_shapes)
     report = Report(before=model_stats(original, concrete), after={},
                     input_shapes=_safe_resolve(original, input_shapes))
     if on_disk is not None:
         report.before["file_bytes"] = on_disk
     data = None  # calibration data, when the approximate stage ran
-    if refit:
-        refit_options = refit if isinstance(refit, RefitOptions) else RefitOptions()
-        folded, data = _fold_refit(source, report, options, refit_options, calibration, labels, passes, skip_passes,
-                                   fold_all, input_shapes, progress, values)
+    if options.refit:
+        folded, data = _fold_refit(source, report, options, input_shapes, values)
     elif not exact:
-        folded, data = _fold_approximate(source, report, options, calibration, labels, passes, skip_passes,
-                                         fold_all, input_shapes, progress, values)
+        folded, data = _fold_approximate(source, report, options, input_shapes, values)
     else:
-        folded, report.rewrites, report.declines = _fold_exact(source, pipeline, fold_all, input_shapes, progress,
-                                                               concrete, arrays)
+        folded, report.rewrites, report.declines = _fold_exact(source, pipeline, options.fold_all, input_shapes,
+                                                               options.progress, concrete, arrays)
     proto = folded.proto if isinstance(folded, DetachedModel) else folded
     report.after = model_stats(proto, infer_concrete(proto, input_shapes))
     overridable = overridable_initializers(source)
@@ -167,9 +132,10 @@ def _fold(model: onnx.ModelProto | str, output: str | None, *, passes: Sequence[
         # Real calibration data beats random inputs for an exact run too.
         feeds = data.batches() if data is not None and not data.is_random else None
         try:
-            report.validation = compare_models(original, candidate, input_shapes=input_shapes, seeds=seeds,
-                                               rtol=rtol, progress=progress, input_values=values, feeds=feeds,
-                                               reference_path=reference_path, candidate_path=candidate_path)
+            report.validation = compare_models(original, candidate, input_shapes=input_shapes, seeds=options.seeds,
+                                               rtol=options.rtol, progress=options.progress, input_values=values,
+                                               feeds=feeds, reference_path=reference_path,
+                                               candidate_path=candidate_path)
         except UsageError as exc:
             raise UsageError(f"{exc}; --no-check (check=False) folds without validating") from None
         if not report.validation.passed:
@@ -177,7 +143,7 @@ def _fold(model: onnx.ModelProto | str, output: str | None, *, passes: Sequence[
             error.report = report
             raise error
 
-    validating = check and report.validation is None
+    validating = options.check and report.validation is None
     arrays = None  # the result holds the weights it needs
     if output == DISCARD and not validating:
         return None, report
@@ -248,22 +214,24 @@ def _weight_elements(model: onnx.ModelProto) -> int:
     return sum(math.prod(t.dims) for t in model.graph.initializer)
 
 
-def _fold_approximate(original: onnx.ModelProto, report: Report, options: ApproxOptions,
-                      calibration: CalibrationSource, labels, passes, skip_passes, fold_all: bool,
-                      input_shapes: ShapeMap | None, progress, values: Mapping[str, np.ndarray]):
+def _fold_approximate(original: onnx.ModelProto, report: Report, options: Options, input_shapes: ShapeMap | None,
+                      values: Mapping[str, np.ndarray]):
     """The exact pipeline plus the measured approximate stage; fills the report's approximate fields.
     Returns the model and the calibration data."""
     # Imported here: an exact run needs none of the stage (calibration, measurement, onnxruntime).
     from graphfold.approx import ApproximateStage
     from graphfold.calibration import load_calibration
 
-    data = load_calibration(calibration, original, labels=labels, input_shapes=input_shapes, input_values=values)
+    data = load_calibration(options.calibration, original, labels=options.labels, input_shapes=input_shapes,
+                            input_values=values)
     report.calibration = data.info()
 
     def exact(model: onnx.ModelProto):
-        return _fold_exact(model, build_pipeline(passes, skip_passes), fold_all, input_shapes, None)
+        return _fold_exact(model, build_pipeline(options.passes, options.skip_passes), options.fold_all,
+                           input_shapes, None)
 
-    stage = ApproximateStage(original, options, data, exact, export, input_shapes, fold_all, progress)
+    stage = ApproximateStage(original, options.approx, data, exact, export, input_shapes, options.fold_all,
+                             options.progress)
     outcome = stage.run()
     report.rewrites, report.declines = outcome.rewrites, outcome.declines
     report.approximate, report.accuracy = outcome.info, outcome.accuracy
@@ -271,34 +239,37 @@ def _fold_approximate(original: onnx.ModelProto, report: Report, options: Approx
     if outcome.validation is not None:
         report.validation = outcome.validation
         report.notes.append(f"validated on the {data.samples} calibration samples at --tolerance "
-                            f"{options.tolerance:g}, not on random inputs: the result is approximate")
+                            f"{options.approx.tolerance:g}, not on random inputs: the result is approximate")
     return outcome.model, data
 
 
-def _fold_refit(original: onnx.ModelProto, report: Report, options: ApproxOptions, refit: RefitOptions,
-                calibration: CalibrationSource, labels, passes, skip_passes, fold_all: bool,
-                input_shapes: ShapeMap | None, progress, values: Mapping[str, np.ndarray]):
+def _fold_refit(original: onnx.ModelProto, report: Report, options: Options, input_shapes: ShapeMap | None,
+                values: Mapping[str, np.ndarray]):
     """The exact pipeline, then the refit stage on its result, validated on the holdout.
     Returns the model and the calibration data."""
+    refit = options.refit if isinstance(options.refit, RefitOptions) else RefitOptions()
     refit.check()
-    if calibration is None:
+    approx = options.approx
+    if options.calibration is None:
         raise UsageError("--refit needs --calibration FILE.npz: it fits weights to real inputs, and random "
                          "inputs would fit the network to noise")
-    if options.snap_slope is not None or options.epsilon is not None or options.drop_branches or options.allow_border:
+    if approx.snap_slope is not None or approx.epsilon is not None or approx.drop_branches or approx.allow_border:
         raise UsageError("--refit does not combine with --snap-slope, --epsilon, --drop-branches or "
                          "--allow-border; run them separately")
     from graphfold.calibration import load_calibration
     from graphfold.refit.stage import RefitStage  # heavy: only when asked for
 
-    data = load_calibration(calibration, original, labels=labels, input_shapes=input_shapes, input_values=values)
+    data = load_calibration(options.calibration, original, labels=options.labels, input_shapes=input_shapes,
+                            input_values=values)
     report.calibration = data.info()
 
     def exact(model: onnx.ModelProto):
-        return _fold_exact(model, build_pipeline(passes, skip_passes), fold_all, input_shapes, None)
+        return _fold_exact(model, build_pipeline(options.passes, options.skip_passes), options.fold_all,
+                           input_shapes, None)
 
     base, base_rewrites, _ = exact(original)
-    stage = RefitStage(original, base, data, refit, exact, tolerance=options.tolerance,
-                       target_depth=options.target_depth, input_shapes=input_shapes, progress=progress)
+    stage = RefitStage(original, base, data, refit, exact, tolerance=approx.tolerance,
+                       target_depth=approx.target_depth, input_shapes=input_shapes, progress=options.progress)
     outcome = stage.run()
     report.rewrites, report.declines = base_rewrites + outcome.rewrites, outcome.declines
     report.refit, report.accuracy, report.validation = outcome.info, outcome.accuracy, outcome.validation
@@ -308,15 +279,6 @@ def _fold_refit(original: onnx.ModelProto, report: Report, options: ApproxOption
         error.report = report
         raise error
     return outcome.model, data
-
-
-def inspect(model: onnx.ModelProto | str, *, passes: Sequence[str] | None = None,
-            skip_passes: Sequence[str] = (), fold_all: bool = False,
-            input_shapes: ShapeMap | None = None, **approximate) -> Report:
-    """What ``fold`` would do: its rewrites and every decline with its reason. Nothing is validated,
-    except that approximate rewrites (``approximate``: ``fold``'s keyword arguments) are measured."""
-    return _fold(model, DISCARD, passes=passes, skip_passes=skip_passes, fold_all=fold_all,
-                 input_shapes=input_shapes, check=False, **approximate)[1]
 
 
 def check(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, *,

@@ -21,6 +21,7 @@ from graphfold.engine import PassError
 from graphfold.errors import GraphfoldError, UsageError, ValidationError
 from graphfold.inputs import parse_input_shape, parse_input_value
 from graphfold.io import ensure_writable
+from graphfold.options import ApproxOptions, Options
 from graphfold.passes import DEFAULT_PIPELINE
 
 MAIN_EPILOG = """\
@@ -149,9 +150,10 @@ def _refit(parser: argparse.ArgumentParser) -> None:
 
 
 def _approximate_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {"calibration": args.calibration, "labels": args.labels, "tolerance": args.tolerance,
-              "snap_slope": args.snap_slope, "epsilon": args.epsilon, "drop_branches": args.drop_branches,
-              "target_depth": args.target_depth, "allow_border": args.allow_border}
+    """The approximate stage's and refit's fields of ``Options``, from the command line."""
+    kwargs = {"calibration": args.calibration, "labels": args.labels,
+              "approx": ApproxOptions(args.tolerance, args.snap_slope, args.epsilon, args.drop_branches,
+                                      args.target_depth, args.allow_border)}
     if args.refit:
         from graphfold.refit import RefitOptions
 
@@ -160,6 +162,14 @@ def _approximate_kwargs(args: argparse.Namespace) -> dict:
         raise UsageError("--max-accuracy-drop, --min-agreement and --target-latency budget a --refit run: "
                          "add --refit")
     return kwargs
+
+
+def _options(args: argparse.Namespace, progress=None, check: bool = True) -> Options:
+    """What the fold and inspect commands ask of the API."""
+    return Options(passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (), fold_all=args.fold_all,
+                   input_shapes=_shapes(args.input_shape), input_values=_values(args.input_value),
+                   freeze_initializer_inputs=args.freeze_initializer_inputs, check=check, progress=progress,
+                   **_approximate_kwargs(args))
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -220,11 +230,7 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
             raise UsageError(f"{args.report}: --report and -o name the same file")
     _quiet_onnxruntime()
     try:
-        report = api.fold_file(args.input, args.output, passes=_split(args.passes),
-                               skip_passes=_split(args.skip_passes) or (), fold_all=args.fold_all,
-                               input_shapes=_shapes(args.input_shape), input_values=_values(args.input_value),
-                               freeze_initializer_inputs=args.freeze_initializer_inputs,
-                               check=not args.no_check, progress=console.progress, **_approximate_kwargs(args))
+        report = api.fold_file(args.input, args.output, _options(args, console.progress, not args.no_check))
     except ValidationError as exc:
         report = getattr(exc, "report", None)
         if report is not None:
@@ -297,11 +303,7 @@ def run_inspect(argv: Sequence[str]) -> int:
     console = Console(args.quiet)
     _logging(args.verbose)
     _quiet_onnxruntime()
-    report = api.inspect(args.input, passes=_split(args.passes), skip_passes=_split(args.skip_passes) or (),
-                         fold_all=args.fold_all, input_shapes=_shapes(args.input_shape),
-                         input_values=_values(args.input_value),
-                         freeze_initializer_inputs=args.freeze_initializer_inputs,
-                         **_approximate_kwargs(args))
+    report = api.inspect(args.input, _options(args))
     if args.json:
         console.out(report.to_json())
         return 0

@@ -250,3 +250,35 @@ def test_sample_rate_input_folds_with_calibration_and_input_values(tmp_path):
     _, report = graphfold.fold(sample_rate_model(), calibration=str(tmp_path / "cal.npz"),
                                input_values={"sr": 16000})
     assert report.validation.passed and report.validation.source == "calibration"
+
+
+# --- options ----------------------------------------------------------------------------------
+
+def test_options_object_and_keywords_are_one_request(sample):
+    from graphfold.options import ApproxOptions, Options
+
+    by_keywords = graphfold.fold(sample, fold_all=True, check=False)[0]
+    by_object = graphfold.fold(sample, Options(fold_all=True, check=False))[0]
+    assert by_object.SerializeToString() == by_keywords.SerializeToString()
+    assert Options.of(tolerance=0.1, snap_slope=0.9).approx == ApproxOptions(tolerance=0.1, snap_slope=0.9)
+    assert Options.of(approx_options=ApproxOptions(epsilon=1e-3)).approx.epsilon == 1e-3  # the older name
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, o: graphfold.fold(m, o.Options(), fold_all=True), "either an Options or keywords"),
+    (lambda m, o: graphfold.fold(m, approx_options=o.ApproxOptions(tolerance=0.1), snap_slope=0.9),
+     "approx=ApproxOptions"),
+    (lambda m, o: graphfold.fold(m, approx=o.ApproxOptions(), approx_options=o.ApproxOptions()), "one option"),
+    (lambda m, o: graphfold.inspect(m, o.Options(), tolerance=0.1), "either an Options or keywords"),
+])
+def test_an_option_said_two_ways_is_refused_not_overridden(sample, call, message):
+    # approx_options once won silently over the one-by-one keywords beside it.
+    from graphfold import options
+
+    with pytest.raises(UsageError, match=message):
+        call(sample, options)
+
+
+def test_an_unknown_option_is_a_type_error(sample):
+    with pytest.raises(TypeError, match="fold_everything"):
+        graphfold.fold(sample, fold_everything=True)
