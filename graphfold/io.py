@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from typing import Callable
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 

@@ -22,7 +22,6 @@ import os
 import sys
 from typing import Iterator, Mapping, Sequence, Union
 
-import numpy as np
 import onnx
 
 from graphfold.inputs import real_inputs, resolve_shape

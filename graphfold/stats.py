@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Collection, Iterator, Mapping
 
-import numpy as np
 import onnx
 
 Shape = tuple
