@@ -77,17 +77,14 @@ def fold_file(source: str | os.PathLike, output: str | os.PathLike, options: Opt
 def inspect(model: onnx.ModelProto | str, options: Options | None = None, /, **keywords) -> Report:
     """What ``fold`` would do: its rewrites and every decline with its reason. Nothing is
     validated, except that approximate rewrites, if asked for, are measured."""
-    return _fold(model, DISCARD, Options.of(options, **keywords).but(check=False))[1]
-
-
-DISCARD = ""  # _fold's output for a run that wants only the report (inspect): no model is built
+    return _fold(model, None, Options.of(options, **keywords).but(check=False), report_only=True)[1]
 
 
 @quiet_graphsurgeon()  # graphsurgeon prints warnings (bfloat16 weights...) to stdout while importing
-def _fold(model: onnx.ModelProto | str, output: str | None,
-          options: Options) -> tuple[onnx.ModelProto | None, Report]:
+def _fold(model: onnx.ModelProto | str, output: str | None, options: Options,
+          report_only: bool = False) -> tuple[onnx.ModelProto | None, Report]:
     """``fold``; with ``output``, the result is saved there (validated as saved) and not returned;
-    with ``DISCARD``, only the report is made."""
+    ``report_only`` (``inspect``): no model is built for an unvalidated run, only its report."""
     options.approx.check()
     exact = options.exact
     # An exact run reads a file's large weights in place (mapped.py); the approximate stages
@@ -145,9 +142,9 @@ def _fold(model: onnx.ModelProto | str, output: str | None,
 
     validating = options.check and report.validation is None
     arrays = None  # the result holds the weights it needs
-    if output == DISCARD and not validating:
+    if report_only and not validating:
         return None, report
-    if output:
+    if output is not None:
         def verify(staged: str) -> None:
             if isinstance(folded, DetachedModel):
                 # Written: its weights need not stay in memory while onnxruntime loads both models.
