@@ -1,4 +1,4 @@
-"""The Python API: ``fold``, ``inspect`` and ``check``; the CLI is a thin layer over these."""
+"""The Python API: ``fold``, ``fold_file``, ``inspect`` and ``check``; the CLI is a thin layer over these."""
 from __future__ import annotations
 
 import gc
