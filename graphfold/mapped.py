@@ -11,6 +11,9 @@ order as protobuf writes them, each detached tensor's bytes written straight fro
 (the input's mapping, or a weight a rewrite computed). The file is byte for byte what
 ``onnx.save_model`` writes for the same model.
 
+The input must stay as it is while it is folded, as under any memory map: a file truncated
+meanwhile ends the process (graphfold itself never writes to its input).
+
 Only what the scan fully understands is detached: a top-level initializer with fixed-size
 elements, its bytes in ``raw_data``, more than ``DETACH_ELEMENTS`` of them. Anything else
 (a file with the graph split over several fields, external data, a wire type protobuf no longer
