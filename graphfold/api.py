@@ -211,12 +211,10 @@ def _weight_elements(model: onnx.ModelProto) -> int:
     return sum(math.prod(t.dims) for t in model.graph.initializer)
 
 
-def _fold_approximate(original: onnx.ModelProto, report: Report, options: Options, input_shapes: ShapeMap | None,
-                      values: Mapping[str, np.ndarray]):
-    """The exact pipeline plus the measured approximate stage; fills the report's approximate fields.
-    Returns the model and the calibration data."""
-    # Imported here: an exact run needs none of the stage (calibration, measurement, onnxruntime).
-    from graphfold.approx import ApproximateStage
+def _calibrated(original: onnx.ModelProto, report: Report, options: Options, input_shapes: ShapeMap | None,
+                values: Mapping[str, np.ndarray]):
+    """What the approximate and refit stages start from: the calibration data (its summary goes
+    into the report) and the exact pipeline as a function of a model, which they rerun."""
     from graphfold.calibration import load_calibration
 
     data = load_calibration(options.calibration, original, labels=options.labels, input_shapes=input_shapes,
@@ -227,6 +225,17 @@ def _fold_approximate(original: onnx.ModelProto, report: Report, options: Option
         return _fold_exact(model, build_pipeline(options.passes, options.skip_passes), options.fold_all,
                            input_shapes, None)
 
+    return data, exact
+
+
+def _fold_approximate(original: onnx.ModelProto, report: Report, options: Options, input_shapes: ShapeMap | None,
+                      values: Mapping[str, np.ndarray]):
+    """The exact pipeline plus the measured approximate stage; fills the report's approximate fields.
+    Returns the model and the calibration data."""
+    # Imported here: an exact run needs none of the stage (calibration, measurement, onnxruntime).
+    from graphfold.approx import ApproximateStage
+
+    data, exact = _calibrated(original, report, options, input_shapes, values)
     stage = ApproximateStage(original, options.approx, data, exact, export, input_shapes, options.fold_all,
                              options.progress)
     outcome = stage.run()
@@ -253,17 +262,9 @@ def _fold_refit(original: onnx.ModelProto, report: Report, options: Options, inp
     if approx.snap_slope is not None or approx.epsilon is not None or approx.drop_branches or approx.allow_border:
         raise UsageError("--refit does not combine with --snap-slope, --epsilon, --drop-branches or "
                          "--allow-border; run them separately")
-    from graphfold.calibration import load_calibration
     from graphfold.refit.stage import RefitStage  # heavy: only when asked for
 
-    data = load_calibration(options.calibration, original, labels=options.labels, input_shapes=input_shapes,
-                            input_values=values)
-    report.calibration = data.info()
-
-    def exact(model: onnx.ModelProto):
-        return _fold_exact(model, build_pipeline(options.passes, options.skip_passes), options.fold_all,
-                           input_shapes, None)
-
+    data, exact = _calibrated(original, report, options, input_shapes, values)
     base, base_rewrites, _ = exact(original)
     stage = RefitStage(original, base, data, refit, exact, tolerance=approx.tolerance,
                        target_depth=approx.target_depth, input_shapes=input_shapes, progress=options.progress)

@@ -190,27 +190,29 @@ _GRAPH_TAG, _INIT_TAG, _RAW_TAG = _tag(_MODEL_GRAPH, _LEN), _tag(_GRAPH_INITIALI
 
 def _split_model(model: onnx.ModelProto) -> tuple[bytes, bytes, onnx.GraphProto]:
     """The model's encoding without its graph, cut where the graph goes, and the graph."""
-    rest = onnx.ModelProto()
-    for descriptor, value in model.ListFields():
-        if descriptor.number != _MODEL_GRAPH:
-            copy_field(rest, descriptor.name, value)
-    encoded = rest.SerializeToString()
-    cut = _split_at(encoded, _MODEL_GRAPH)
-    return encoded[:cut], encoded[cut:], model.graph
+    head, tail = _encoded_around(model, _MODEL_GRAPH)
+    return head, tail, model.graph
 
 
 def _split_graph(graph: onnx.GraphProto) -> tuple[bytes, list[tuple[bytes, str | None]], bytes]:
     """The graph's encoding without initializers, cut where they go, and each initializer's
     encoding with its name where it is a header whose data is held outside."""
-    rest = onnx.GraphProto()
-    for descriptor, value in graph.ListFields():
-        if descriptor.number != _GRAPH_INITIALIZER:
-            copy_field(rest, descriptor.name, value)
-    encoded = rest.SerializeToString()
-    cut = _split_at(encoded, _GRAPH_INITIALIZER)
+    head, tail = _encoded_around(graph, _GRAPH_INITIALIZER)
     entries = [(tensor.SerializeToString(), None if tensor.HasField("raw_data") else tensor.name)
                for tensor in graph.initializer]
-    return encoded[:cut], entries, encoded[cut:]
+    return head, entries, tail
+
+
+def _encoded_around(message, number: int) -> tuple[bytes, bytes]:
+    """``message`` encoded without field ``number``, cut where that field goes: the fields
+    before it and the fields after it."""
+    rest = type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.number != number:
+            copy_field(rest, descriptor.name, value)
+    encoded = rest.SerializeToString()
+    cut = _split_at(encoded, number)
+    return encoded[:cut], encoded[cut:]
 
 
 def copy_field(target, name: str, value) -> None:
