@@ -38,7 +38,7 @@ DETACH_ELEMENTS = 4096
 
 _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
-_TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 9, 13, 14
+_TENSOR_SEGMENT, _TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 3, 9, 13, 14
 
 # Element types whose raw data is one little-endian item per element, as numpy reads it.
 DETACHABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -82,9 +82,9 @@ def _tag(number: int, wire_type: int) -> bytes:
     return encode_varint(number << 3 | wire_type)
 
 
-def fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """The fields of the message in ``buf[start:end]``: (number, field start, value start,
-    value end) -- a length-delimited value without its length prefix."""
+def fields(buf, start: int, end: int) -> Iterator[tuple[int, bool, int, int, int]]:
+    """The fields of the message in ``buf[start:end]``: (number, whether it is length-delimited,
+    field start, value start, value end) -- a length-delimited value without its length prefix."""
     pos = start
     while pos < end:
         key, value_start = _varint(buf, pos, end)
@@ -102,14 +102,14 @@ def fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
             raise WireError(f"wire type {wire_type} (groups) is not used by ONNX")
         if number == 0 or value_end > end:
             raise WireError("truncated or invalid field")
-        yield number, pos, value_start, value_end
+        yield number, wire_type == _LEN, pos, value_start, value_end
         pos = value_end
 
 
 def _split_at(encoded: bytes, number: int) -> int:
     """Where the fields numbered above ``number`` start in a message protobuf serialized
     (it writes fields in number order)."""
-    for field_number, start, _, _ in fields(encoded, 0, len(encoded)):
+    for field_number, _, start, _, _ in fields(encoded, 0, len(encoded)):
         if field_number > number:
             return start
     return len(encoded)
@@ -289,18 +289,20 @@ def _scan(buf) -> tuple[bytes, list[tuple[int, int, int]]] | None:
     """The file's bytes with the raw data of its candidate initializers cut out (length
     prefixes re-encoded), and for each such tensor (initializer index, offset, length)."""
     end = len(buf)
-    graphs = [(start, value_start, value_end) for number, start, value_start, value_end in fields(buf, 0, end)
-              if number == _MODEL_GRAPH]
-    if len(graphs) != 1:
-        return None  # no graph, or one split over several fields (protobuf merges them)
-    graph_start, graph_value, graph_end = graphs[0]
+    graphs = [(start, value_start, value_end, delimited)
+              for number, delimited, start, value_start, value_end in fields(buf, 0, end) if number == _MODEL_GRAPH]
+    if len(graphs) != 1 or not graphs[0][3]:
+        return None  # no graph, or one split over several fields (protobuf merges them), or not a message
+    graph_start, graph_value, graph_end, _ = graphs[0]
     pieces: list = []  # the graph's fields, in order: byte ranges of the file and re-encoded entries
     detached = []
     index = 0
-    for number, start, value_start, value_end in fields(buf, graph_value, graph_end):
+    for number, delimited, start, value_start, value_end in fields(buf, graph_value, graph_end):
         if number != _GRAPH_INITIALIZER:
             pieces.append((start, value_end))
             continue
+        if not delimited:
+            raise WireError("an initializer that is not a message")
         raw = _raw_data(buf, value_start, value_end)
         if raw is None:
             pieces.append((start, value_end))
@@ -321,12 +323,12 @@ def _scan(buf) -> tuple[bytes, list[tuple[int, int, int]]] | None:
 def _raw_data(buf, start: int, end: int) -> tuple[int, int, int] | None:
     """(field start, data start, data end) of a tensor's raw data worth detaching, else None."""
     raw = None
-    for number, field_start, value_start, value_end in fields(buf, start, end):
-        if number in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION):
+    for number, delimited, field_start, value_start, value_end in fields(buf, start, end):
+        if number in (_TENSOR_SEGMENT, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION):
             return None
         if number == _TENSOR_RAW_DATA:
-            if raw is not None:
-                return None  # repeated: protobuf keeps the last; leave such a file to onnx
+            if raw is not None or not delimited:
+                return None  # repeated (protobuf keeps the last) or not bytes: onnx's to read
             raw = (field_start, value_start, value_end)
     if raw is None or raw[2] - raw[1] <= DETACH_ELEMENTS:
         return None

@@ -100,6 +100,21 @@ def test_fields_in_any_order_and_duplicate_names(tmp_path):
     assert detached.materialize().SerializeToString() == reference.SerializeToString()
 
 
+def test_a_raw_data_field_of_another_wire_type_is_left_to_protobuf(tmp_path, monkeypatch):
+    # Field 9 written as a varint is no raw data: not detached, parsed as protobuf parses it.
+    monkeypatch.setattr(mapped, "DETACH_ELEMENTS", 0)  # so that one byte would be detached
+    model = conv_bn_model(extras=False)
+    weight = model.graph.initializer[0]
+    odd = TensorProto()
+    odd.CopyFrom(weight)
+    odd.ClearField("raw_data")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_with_entry_replaced(model, 0, odd.SerializeToString() + b"\x48\x05"))  # field 9, varint 5
+    detached = mapped.read(str(path))
+    assert "w0a" not in detached.arrays and "w1a" in detached.arrays
+    assert detached.materialize().SerializeToString() == onnx.load(str(path)).SerializeToString()
+
+
 def _with_entry_replaced(model: onnx.ModelProto, index: int, tensor_bytes: bytes) -> bytes:
     """The model's encoding with initializer ``index`` encoded as ``tensor_bytes``."""
     graph = onnx.GraphProto()
