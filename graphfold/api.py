@@ -5,6 +5,7 @@ import gc
 import logging
 import math
 import os
+from dataclasses import replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -77,7 +78,7 @@ def fold_file(source: str | os.PathLike, output: str | os.PathLike, options: Opt
 def inspect(model: onnx.ModelProto | str, options: Options | None = None, /, **keywords) -> Report:
     """What ``fold`` would do: its rewrites and every decline with its reason. Nothing is
     validated, except that approximate rewrites, if asked for, are measured."""
-    return _fold(model, None, Options.of(options, **keywords).but(check=False), report_only=True)[1]
+    return _fold(model, None, replace(Options.of(options, **keywords), check=False), report_only=True)[1]
 
 
 @quiet_graphsurgeon()  # graphsurgeon prints warnings (bfloat16 weights...) to stdout while importing

@@ -251,14 +251,14 @@ def run_pass(ctx: FoldContext, fold_pass: Pass) -> list[Rewrite]:
             ctx.declines.append(Decline(fold_pass.name, [node_label(ctx.graph, n) for n in match.nodes],
                                        decision.reason))
             continue
-        read = [t for node in match.nodes for t in node.inputs]
+        # Inputs of the replaced nodes, whose weights may be let go after the rewrite.
+        read = [] if ctx._has_subgraphs else [t for node in match.nodes for t in node.inputs]
         change = fold_pass.rewrite(ctx, match, decision)
         if not change.removed and not change.added:
             # rewrite never declines: whatever could stop it belongs in check.
             raise PassError(f"pass {fold_pass.name!r} accepted {[n.name for n in match.nodes]} but changed nothing")
         gone.update(id(node) for node in change.removed)
-        if not ctx._has_subgraphs:
-            release_dead(read, ctx.graph_outputs)
+        release_dead(read, ctx.graph_outputs)
         ctx.refresh()
         rewrites.append(Rewrite(
             pass_name=fold_pass.name,

@@ -25,7 +25,7 @@ import math
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, Mapping
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import onnx
@@ -344,10 +344,3 @@ def _merge_ranges(pieces: list) -> list:
         else:
             merged.append(piece)
     return merged
-
-
-def names(model: DetachedModel | Mapping[str, np.ndarray] | None) -> frozenset[str]:
-    """The detached tensors' names (empty for an ordinary model)."""
-    if model is None:
-        return frozenset()
-    return frozenset(model.arrays if isinstance(model, DetachedModel) else model)

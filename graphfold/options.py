@@ -6,7 +6,7 @@ was asked, does not import the stage (calibration, measurement, onnxruntime).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from graphfold.errors import UsageError
@@ -133,7 +133,3 @@ class Options:
         """Nothing but exact rewrites asked for: no refit, approximation or calibration data."""
         return not self.refit and not (self.approx.requested or self.approx.tolerance > 0
                                        or self.calibration is not None or self.labels is not None)
-
-    def but(self, **changes) -> Options:
-        """A copy with ``changes``."""
-        return replace(self, **changes)
